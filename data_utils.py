@@ -1,0 +1,297 @@
+"""Datasets as uint8 tensors on the training device, and batch-level augmentation there.
+
+A dataset is a row of `DATASETS` plus `load_dataset`, which returns uint8 images (N, C, H, W)
+and int64 labels. Parsing and downloading go through torchvision's dataset classes; Fashion-MNIST
+also reads the raw idx files directly (the Debian package `dataset-fashion-mnist` puts them in
+one folder), which is how a machine without internet gets real data.
+
+`TrainLoader` makes whole augmented batches on the device: seeded shuffle, random crop with
+padding (constant fill or reflect), horizontal flip, Cutout (two forms, below), normalisation.
+No per-image Python work, except with AutoAugment, which runs torchvision's policy per sample in a
+CPU DataLoader with workers and finishes the batch on the device.
+
+Cutout forms (both: one square hole, box start s ~ U{-⌊L/2⌋, ..., H-⌊L/2⌋-1} per axis, clipped):
+- ``amp`` (DeVries & Taylor; AMP code): side 2⌊L/2⌋, pixels set to black *before* normalisation.
+- ``rwp`` (RWP code): side L, pixels set to 0 *after* normalisation (i.e. to the mean).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple  # per channel, in [0, 1] pixel units
+    std: tuple
+
+
+DATASETS = {
+    # CIFAR / SVHN statistics as in the AMP code (x / 255 of the 8-bit values).
+    "cifar10": DatasetInfo(10, 3, 32, (125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    "cifar100": DatasetInfo(100, 3, 32, (129.3 / 255, 124.1 / 255, 112.4 / 255), (68.2 / 255, 65.4 / 255, 70.4 / 255)),
+    "svhn": DatasetInfo(10, 3, 32, (109.9 / 255, 109.7 / 255, 113.8 / 255), (50.1 / 255, 50.6 / 255, 50.8 / 255)),
+    # The SAM paper's Fashion-MNIST normalisation.
+    "fashionmnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,)),
+    # Random tensors of CIFAR shape, for benchmarks (timings do not depend on pixel values).
+    "synthetic": DatasetInfo(10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+class DataError(Exception):
+    """Data missing or unreadable; the message is one line that says how to fix it."""
+
+
+def _missing(dataset: str, data_dir: str, where: str) -> DataError:
+    return DataError(
+        f"{dataset} not found in {data_dir!r}: either run with --download (needs internet), "
+        f"or put {where} into {data_dir!r} (--data_dir)")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Parse an idx file (optionally .gz): big-endian magic 0x0000 0x08 ndim, dims, uint8 data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 idx file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} bytes)")
+    return data.reshape(tuple(dims))
+
+
+def _find_idx(folder: str, stem: str):
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _fashion_mnist(data_dir: str, train: bool, download: bool):
+    prefix = "train" if train else "t10k"
+    # Flat idx folders first: the one given, then the Debian package's.
+    for folder in (data_dir, DEBIAN_FASHION_MNIST):
+        images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
+            y = torch.from_numpy(_read_idx(labels).astype(np.int64))
+            return x, y
+    from torchvision import datasets
+    try:  # torchvision's layout: data_dir/FashionMNIST/raw/
+        ds = datasets.FashionMNIST(data_dir, train=train, download=download)
+    except RuntimeError:
+        raise _missing("fashionmnist", data_dir, "the four idx files (train-images-idx3-ubyte.gz, ...) "
+                       "or install the Debian package dataset-fashion-mnist, then put them") from None
+    return ds.data.unsqueeze(1).clone(), ds.targets.clone().long()
+
+
+def _torchvision(dataset: str, data_dir: str, train: bool, download: bool):
+    from torchvision import datasets
+    try:
+        if dataset == "svhn":  # core training set only, as in the AMP code
+            ds = datasets.SVHN(data_dir, split="train" if train else "test", download=download)
+            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
+        cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+        ds = cls(data_dir, train=train, download=download)
+    except RuntimeError:
+        folder = {"cifar10": "the extracted cifar-10-batches-py/ folder",
+                  "cifar100": "the extracted cifar-100-python/ folder",
+                  "svhn": "train_32x32.mat and test_32x32.mat"}[dataset]
+        raise _missing(dataset, data_dir, folder) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW
+    return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def load_dataset(dataset: str, data_dir: str, train: bool, download: bool = False,
+                 size: int = 0, seed: int = 0):
+    """Return (uint8 images (N, C, H, W), int64 labels (N,)) on the CPU; `size` > 0 keeps the first N."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    if dataset == "synthetic":
+        info = DATASETS[dataset]
+        n = size or (50000 if train else 10000)
+        g = torch.Generator().manual_seed(seed * 2 + int(train))
+        x = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g, dtype=torch.uint8)
+        return x, torch.randint(0, info.num_classes, (n,), generator=g)
+    if dataset == "fashionmnist":
+        x, y = _fashion_mnist(data_dir, train, download)
+    else:
+        if not download and not os.path.isdir(data_dir):
+            raise _missing(dataset, data_dir, "the dataset files")
+        x, y = _torchvision(dataset, data_dir, train, download)
+    if size:
+        x, y = x[:size], y[:size]
+    return x.contiguous(), y
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (seed, epoch, stream, shard ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class Augment:
+    """Batch augmentation on the device: x uint8 (B, C, H, W) → normalised float (B, C, H, W).
+
+    crop:   pad by `padding` (constant `fill` in 0..255, or reflect), random crop back to H×W
+    flip:   horizontal flip with probability 1/2
+    cutout: one hole of side `cutout_size` with probability `cutout_prob` (`cutout_style` amp|rwp)
+    """
+
+    def __init__(self, mean, std, *, crop=False, padding=4, pad_mode="constant", fill=0, flip=False,
+                 cutout_size=0, cutout_prob=1.0, cutout_style="amp"):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.crop, self.padding, self.pad_mode, self.fill = crop and padding > 0, padding, pad_mode, fill
+        self.flip = flip
+        self.cutout_size, self.cutout_prob, self.cutout_style = cutout_size, cutout_prob, cutout_style
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float() - mean) / std
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator, geometric: bool = True) -> torch.Tensor:
+        b, _, h, w = x.shape
+        dev = x.device
+        x = x.float()
+        if geometric and self.crop:
+            p = self.padding
+            if self.pad_mode == "reflect":
+                x = F.pad(x, (p, p, p, p), mode="reflect")
+            else:
+                x = F.pad(x, (p, p, p, p), value=float(self.fill))
+            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev)
+            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev)
+            rows = (dy + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * p)
+            x = x.gather(2, rows)
+            cols = (dx + torch.arange(w, device=dev)).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
+            x = x.gather(3, cols)
+        if geometric and self.flip:
+            flip = torch.rand(b, 1, 1, 1, generator=g, device=dev) < 0.5
+            x = torch.where(flip, x.flip(3), x)
+        if self.cutout_size > 0 and self.cutout_style == "amp":
+            x = x * self._cutout_keep(b, h, w, g, dev)
+        x = self.normalize(x)
+        if self.cutout_size > 0 and self.cutout_style == "rwp":
+            x = x * self._cutout_keep(b, h, w, g, dev)
+        return x
+
+    def _cutout_keep(self, b, h, w, g, dev) -> torch.Tensor:
+        """(B, 1, H, W) float mask: 0 inside the hole, 1 elsewhere."""
+        half = self.cutout_size // 2
+        side = 2 * half if self.cutout_style == "amp" else self.cutout_size
+        y0 = torch.randint(-half, h - half, (b, 1, 1, 1), generator=g, device=dev)
+        x0 = torch.randint(-half, w - half, (b, 1, 1, 1), generator=g, device=dev)
+        r = torch.arange(h, device=dev).view(1, 1, h, 1)
+        c = torch.arange(w, device=dev).view(1, 1, 1, w)
+        hole = (r >= y0) & (r < y0 + side) & (c >= x0) & (c < x0 + side)
+        if self.cutout_prob < 1:
+            hole = hole & (torch.rand(b, 1, 1, 1, generator=g, device=dev) < self.cutout_prob)
+        return (~hole).float()
+
+
+class TrainLoader:
+    """One epoch of augmented training batches from uint8 tensors on `device`.
+
+    Shuffling: a permutation of all N samples drawn from (seed, epoch, stream); under torchrun the
+    ranks of one stream split it into `num_shards` shards. Different streams (RWP's clean and
+    perturbed batches) shuffle independently. Every epoch is reproducible from (seed, epoch).
+    The last partial batch is kept unless it would hold a single sample (BatchNorm needs two).
+    """
+
+    def __init__(self, images, labels, batch_size, augment: Augment, *, device, seed=0, stream=0,
+                 shard=0, num_shards=1, autoaugment=None, workers=0):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.augment, self.device = batch_size, augment, torch.device(device)
+        self.seed, self.stream, self.shard, self.num_shards = seed, stream, shard, num_shards
+        self.autoaugment, self.workers = autoaugment, workers
+        self.epoch = 0
+        n = len(self.images) // num_shards
+        self.num_samples = n
+        self.num_batches = n // batch_size + (1 if n % batch_size > 1 else 0)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_batches
+
+    def _indices(self) -> torch.Tensor:
+        g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.stream))
+        perm = torch.randperm(len(self.images), generator=g, device=self.device)
+        return perm[self.shard::self.num_shards][: self.num_samples]
+
+    def __iter__(self):
+        idx = self._indices()
+        g = torch.Generator(device=self.device).manual_seed(
+            mix_seed(self.seed, self.epoch, self.stream, self.shard, 1))
+        if self.autoaugment is not None:
+            yield from self._iter_autoaugment(idx, g)
+            return
+        for i in range(self.num_batches):
+            j = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.augment(self.images[j], g), self.labels[j]
+
+    def _iter_autoaugment(self, idx, g):
+        """Crop, flip and AutoAugment per sample on the CPU (workers), the rest on the device."""
+        from torch.utils.data import DataLoader
+        ds = _PolicyDataset(self.images.cpu(), self.augment, self.autoaugment)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.stream, self.shard, 2))
+        batches = [idx[i * self.batch_size:(i + 1) * self.batch_size].cpu().tolist()
+                   for i in range(self.num_batches)]
+        dl = DataLoader(ds, batch_sampler=batches, num_workers=self.workers, generator=gen,
+                        pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for x, j in dl:
+            x = x.to(self.device, non_blocking=True)
+            j = j.to(self.device, non_blocking=True)
+            yield self.augment(x, g, geometric=False), self.labels[j]
+
+
+class _PolicyDataset(torch.utils.data.Dataset):
+    """uint8 image i → (crop + flip + AutoAugment policy) uint8 image, i. Per sample, for workers."""
+
+    def __init__(self, images, augment: Augment, policy):
+        from torchvision import transforms
+        ops = []
+        if augment.crop:
+            ops.append(transforms.RandomCrop(images.shape[-1], padding=augment.padding,
+                                             fill=augment.fill, padding_mode=augment.pad_mode))
+        if augment.flip:
+            ops.append(transforms.RandomHorizontalFlip())
+        ops.append(policy)
+        self.images, self.transform = images, transforms.Compose(ops)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), i
+
+
+def autoaugment_policy(dataset: str, fill: int, channels: int):
+    """torchvision's AutoAugment with the policy searched for this dataset (CIFAR-10's otherwise)."""
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+    policy = AutoAugmentPolicy.SVHN if dataset == "svhn" else AutoAugmentPolicy.CIFAR10
+    return AutoAugment(policy, fill=[fill] * channels)
+
+
+def test_batches(images, labels, batch_size, augment: Augment, *, device, shard=0, num_shards=1):
+    """Normalised, un-augmented batches of this rank's shard of the test set (order fixed)."""
+    images, labels = images[shard::num_shards], labels[shard::num_shards]
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device, non_blocking=True)
+        yield augment.normalize(x), labels[i:i + batch_size].to(device, non_blocking=True)

@@ -1,0 +1,225 @@
+"""Data: real on-disk formats (CIFAR pickles written here, real Fashion-MNIST idx files), the
+device loader's shuffling/sharding, and the augmentation properties."""
+import gzip
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import data_utils
+from conftest import FASHION_DIR
+from data_utils import Augment, DataError, TrainLoader, load_dataset
+
+
+def _md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def _write_cifar(root, hundred, n_per_file=20, seed=0):
+    """Small CIFAR-10/100 in the real python-pickle layout; returns (images NCHW, labels) per split."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python" if hundred else "cifar-10-batches-py")
+    os.makedirs(folder)
+    files = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    key = "fine_labels" if hundred else "labels"  # py2 str keys load as str
+    written = {"train": [], "test": []}
+    for name in files:
+        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 100 if hundred else 10, n_per_file).tolist()
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": data, key: labels, "filenames": ["x"] * n_per_file}, f, protocol=2)
+        written["test" if "test" in name else "train"].append((data, labels))
+    meta = "meta" if hundred else "batches.meta"
+    names = {"fine_label_names": ["c%d" % i for i in range(100)]} if hundred else \
+        {"label_names": ["c%d" % i for i in range(10)]}
+    with open(os.path.join(folder, meta), "wb") as f:
+        pickle.dump(names, f, protocol=2)
+    out = {}
+    for split, parts in written.items():
+        x = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
+        out[split] = (torch.from_numpy(x), torch.tensor(sum((lab for _, lab in parts), [])))
+    return folder, files, meta, out
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_real_format_through_torchvision(tmp_path, monkeypatch, hundred):
+    from torchvision import datasets
+    folder, files, meta, expected = _write_cifar(str(tmp_path), hundred)
+    cls = datasets.CIFAR100 if hundred else datasets.CIFAR10
+    # torchvision checks each file's md5 against the official archive's: point it at ours, on purpose.
+    md5 = {name: _md5(os.path.join(folder, name)) for name in files + [meta]}
+    monkeypatch.setattr(cls, "train_list", [[n, md5[n]] for n in files if "test" not in n])
+    monkeypatch.setattr(cls, "test_list", [[n, md5[n]] for n in files if "test" in n])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5[meta]})
+    name = "cifar100" if hundred else "cifar10"
+    for train, split in ((True, "train"), (False, "test")):
+        x, y = load_dataset(name, str(tmp_path), train)
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32)
+        assert torch.equal(x, expected[split][0]) and torch.equal(y, expected[split][1])
+    x, _ = load_dataset(name, str(tmp_path), True, size=7)
+    assert len(x) == 7
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    for name in ("cifar10", "cifar100", "svhn"):
+        with pytest.raises(DataError, match="--download.*put"):
+            load_dataset(name, str(tmp_path / "nowhere"), True)
+        with pytest.raises(DataError, match="--download"):
+            load_dataset(name, str(tmp_path), True)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_flat_idx_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    x, y = load_dataset("fashionmnist", str(tmp_path), True)
+    assert x.shape == (5, 1, 28, 28) and torch.equal(x[:, 0], torch.from_numpy(imgs.astype(np.uint8)))
+    assert torch.equal(y, torch.from_numpy(labels))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_idx(bad / "train-images-idx3-ubyte.gz", imgs)
+    with gzip.open(bad / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + np.array([9], dtype=">u4").tobytes() + b"\x01")  # truncated
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset("fashionmnist", str(bad), True)
+
+
+def test_real_fashion_mnist_files():
+    if not os.path.isdir(FASHION_DIR):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install the Debian package dataset-fashion-mnist ({FASHION_DIR})")
+        pytest.skip("dataset-fashion-mnist not installed")
+    x, y = load_dataset("fashionmnist", FASHION_DIR, True)
+    xt, yt = load_dataset("fashionmnist", FASHION_DIR, False)
+    assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28)
+    assert torch.equal(torch.bincount(y), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(yt), torch.full((10,), 1000))
+    assert y[:5].tolist() == [9, 0, 0, 3, 0]  # the published first labels of the training set
+    # the pixel mean of Fashion-MNIST is 0.286
+    assert abs(x.float().mean().item() / 255 - 0.2860) < 1e-3
+
+
+def _loader(n=103, batch=10, **kw):
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    aug = Augment((0.0,), (1 / 255,))  # normalisation is the identity in pixel units
+    return TrainLoader(x, torch.arange(n), batch, aug, device="cpu", **kw)
+
+
+def test_loader_epoch_is_a_seeded_permutation():
+    a, b = _loader(seed=3), _loader(seed=3)
+    ys = [y for _, y in a]
+    assert len(ys) == len(a) == 11 and len(ys[-1]) == 3
+    assert sorted(torch.cat(ys).tolist()) == list(range(103))
+    assert all(torch.equal(u, v) for u, v in zip(ys, [y for _, y in b]))  # same seed → same batches
+    for x, y in a:  # images travel with their labels
+        assert torch.equal(x[:, 0, 0, 0], y.float())
+    a.set_epoch(1)
+    assert not torch.equal(torch.cat([y for _, y in a]), torch.cat(ys))  # new epoch → new order
+    other = torch.cat([y for _, y in _loader(seed=4)])
+    assert not torch.equal(other, torch.cat(ys))
+
+
+def test_loader_shards_and_streams():
+    shards = [torch.cat([y for _, y in _loader(n=100, shard=s, num_shards=2)]) for s in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 50
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    s0, s1 = (torch.cat([y for _, y in _loader(stream=k)]) for k in (0, 1))
+    assert sorted(s1.tolist()) == list(range(103)) and not torch.equal(s0, s1)
+    assert len(_loader(n=21, batch=10)) == 2  # a last batch of one sample is dropped
+
+
+def _images(b=64, c=3, h=32, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8)
+
+
+IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
+
+
+def test_crop_is_a_window_of_the_padded_image():
+    x = _images()
+    for mode in ("constant", "reflect"):
+        aug = Augment(**IDENTITY, crop=True, padding=4, pad_mode=mode, fill=128)
+        out = aug(x, torch.Generator().manual_seed(0))
+        assert out.shape == x.shape
+        padded = torch.nn.functional.pad(x.float(), (4,) * 4, mode=mode, **({"value": 128.0} if mode == "constant" else {}))
+        shifts = set()
+        for i in range(len(x)):
+            hits = [(dy, dx) for dy in range(9) for dx in range(9)
+                    if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
+            assert hits, "crop output is not a window of the padded image"
+            shifts.add(hits[0])
+        assert len(shifts) > 20  # offsets vary across the batch
+
+
+def test_flip_is_a_flip_half_the_time():
+    x = _images(b=400)
+    out = Augment(**IDENTITY, flip=True)(x, torch.Generator().manual_seed(0))
+    same = [torch.equal(o, i.float()) for o, i in zip(out, x)]
+    flipped = [torch.equal(o, i.float().flip(2)) for o, i in zip(out, x)]
+    assert all(s or f for s, f in zip(same, flipped))
+    assert 150 < sum(flipped) < 250
+
+
+@pytest.mark.parametrize("style", ["amp", "rwp"])
+def test_cutout_zeroes_one_clipped_square(style):
+    x = torch.full((500, 3, 32, 32), 200, dtype=torch.uint8)
+    mean = (100 / 255,) * 3
+    aug = Augment(mean, (1 / 255,) * 3, cutout_size=16, cutout_style=style)
+    out = aug(x, torch.Generator().manual_seed(0))
+    # amp: holes are black before normalising (→ -100); rwp: zero after normalising (= the mean)
+    hole_value = -100.0 if style == "amp" else 0.0
+    assert set(out.unique().tolist()) <= {hole_value, 100.0}
+    hole = out[:, 0] == hole_value
+    assert torch.equal(hole, (out == hole_value).all(1))  # same hole in every channel
+    full = 0
+    for m in hole:
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        assert len(rows) and len(cols)
+        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert m[r0:r1, c0:c1].all() and m.sum() == (r1 - r0) * (c1 - c0)  # one rectangle
+        assert r1 - r0 <= 16 and c1 - c0 <= 16
+        # a side shorter than 16 only where the box touches the border
+        assert (r1 - r0 == 16) or r0 == 0 or r1 == 32
+        full += int(m.sum() == 256)
+    assert full > 100  # most holes lie fully inside
+
+
+def test_cutout_probability():
+    x = torch.full((1000, 1, 28, 28), 200, dtype=torch.uint8)
+    aug = Augment((0.0,), (1 / 255,), cutout_size=8, cutout_prob=0.5, cutout_style="rwp")
+    holes = (aug(x, torch.Generator().manual_seed(0)) == 0).flatten(1).any(1).float().mean().item()
+    assert 0.45 < holes < 0.55
+
+
+def test_normalisation_uses_the_statistics():
+    x = _images(b=4)
+    info = data_utils.DATASETS["cifar10"]
+    out = Augment(info.mean, info.std).normalize(x)
+    expected = (x.float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_autoaugment_path_is_seeded_and_finishes_on_device():
+    x = _images(b=40)
+    aug = Augment(**IDENTITY, crop=True, padding=4, fill=128, flip=True, cutout_size=8)
+    policy = data_utils.autoaugment_policy("cifar10", 128, 3)
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        loader = TrainLoader(x, torch.arange(40), 16, aug, device="cpu", seed=1, autoaugment=policy, workers=0)
+        batches.append([(bx, by) for bx, by in loader])
+    assert [len(b) for b, _ in batches[0]] == [16, 16, 8]
+    for (a, ya), (b, yb) in zip(*batches):
+        assert torch.equal(a, b) and torch.equal(ya, yb) and a.dtype == torch.float32
