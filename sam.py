@@ -1,0 +1,248 @@
+r"""SAM and ASAM: sharpness-aware minimisation as a wrapper around a base optimizer.
+
+SAM (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021; arXiv 2010.01412) minimises
+max_{‖ε‖₂≤ρ} L_B(θ+ε) on each mini-batch B with one first-order ascent step:
+
+    g   = ∇L_B(θ)                                   # clean pass (outputs/loss returned)
+    ε̂   = ρ · g / (‖g‖₂ + δ)                         # ONE global norm over all parameters
+    θ   ← base_step(∇L_B(θ + ε̂))                     # same batch B, weights restored first
+
+ASAM (Kwon, Kim, Park, Choi; ICML 2021; arXiv 2102.11600) makes the ball adaptive with the
+element-wise operator T = |w| + η:
+
+    ε̂   = ρ · T² g / (‖T g‖₂ + δ)
+
+T = |w| + η for "weight" parameters and T = 1 for every other parameter (biases, BN shifts),
+exactly as the official code (SamsungLabs/ASAM, asam.py) decides it: by whether the parameter's
+name contains "weight" (so BatchNorm weights ARE scaled). The names come from ``model``; with
+no ``model`` the rule falls back to "tensors with ≥ 2 dims are weights".
+
+δ = 1e-12 keeps the step free of host syncs (no branch on ‖g‖ = 0) and makes ρ = 0 give ε̂ = 0
+exactly, so ρ = 0 reproduces the base optimizer bit for bit (parameters always; BatchNorm
+buffers too under ``bn_update='clean'``, while ``'all'`` lets them see both passes).
+
+Faithful details (google-research/sam, sam_jax/training_utils/flax_training.py):
+- BatchNorm: the official step keeps the model state of the *clean* pass and drops the state
+  of the perturbed pass, so ``bn_update='clean'`` is the faithful default (running stats are
+  backed up before the perturbed pass and restored exactly afterwards). ``'all'`` lets both
+  passes update them (what most PyTorch ports do without saying so).
+- Data parallel: each replica perturbs with its own sub-batch gradient (``sync_perturbations``
+  defaults to False); only the second gradient is averaged. Here: the clean pass runs inside
+  ``no_sync()`` (a DDP model's, or a factory passed as ``no_sync=``).
+- Base optimizer: momentum 0.9 with Nesterov; gradient clipped to global norm 5 *after* the
+  second pass. SAM's and ASAM's ε̂ are invariant to a rescaling of g, so a closure that also
+  clips the clean pass's gradient gives the same ε̂.
+Known difference: the official code adds the L2 penalty to the loss, so weight decay enters ε̂
+and is evaluated at θ+ε̂; with a PyTorch base optimizer (``weight_decay=``) it is applied at θ in
+the base step only, as in the PyTorch SAM/ASAM code (davda54/sam, SamsungLabs/ASAM).
+
+Unlike common ports: weights come back by copy from a persistent backup (never by subtraction
+or ``p.data =``); ``state_dict()`` is the base optimizer's (momentum survives a checkpoint);
+an LR scheduler on the wrapper drives the base optimizer; no host sync inside ``step``.
+"""
+import contextlib
+
+import torch
+from torch.nn.modules.batchnorm import _NormBase
+
+BN_UPDATES = ("all", "clean")
+_DELTA = 1e-12  # δ in ρ·g/(‖g‖+δ)
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimisation (``adaptive=False``) or ASAM (``adaptive=True``).
+
+    Args:
+        params: parameters or parameter groups (groups may set their own ``rho``/``adaptive``/``eta``).
+        lr: learning rate of the base optimizer.
+        rho: radius ρ ≥ 0 of the perturbation ball (SAM paper: 0.05 CIFAR-10, 0.1 CIFAR-100;
+            ASAM paper: 0.5 / 1.0).
+        base_optimizer: ``torch.optim.Optimizer`` subclass doing the update; gets ``lr`` and ``**kwargs``.
+        adaptive: ASAM's adaptive ball T = |w| + η.
+        eta: η ≥ 0 of ASAM (official 0.01).
+        bn_update: ``'clean'`` (only the clean pass changes BatchNorm running stats; the official
+            behaviour) or ``'all'``; ``None`` = ``'clean'`` when ``model`` is given, else ``'all'``
+            (with no model there are no buffers to restore).
+        model: the ``nn.Module`` being trained (plain or DDP-wrapped): source of BN buffers, of
+            the parameter names ASAM needs, and of ``no_sync`` when it has one.
+        no_sync: optional factory of a context manager in which the clean pass runs without
+            gradient all-reduce (e.g. ``ddp_model.no_sync``). Default: ``model.no_sync`` if the
+            model has it, else none.
+        **kwargs: passed to ``base_optimizer`` (momentum, nesterov, weight_decay, ...).
+
+    ``outputs, loss = opt.step(closure)`` returns what the clean pass's closure returned.
+    Two-phase form for custom loops: ``perturb()`` (ε̂ from the current ``.grad``) →
+    backward at θ+ε̂ → ``restore()`` → ``base_step()``; ``first_step``/``second_step`` are the
+    same in the naming of davda54/sam.
+    """
+
+    def __init__(self, params, lr, rho=0.05, base_optimizer=torch.optim.SGD, *, adaptive=False,
+                 eta=0.01, bn_update=None, model=None, no_sync=None, **kwargs):
+        _check_nonneg("rho", rho)
+        _check_nonneg("eta", eta)
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if bn_update is None:
+            bn_update = "all" if model is None else "clean"
+        if bn_update not in BN_UPDATES:
+            raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATES)}, got {bn_update!r}")
+        if bn_update == "clean" and model is None:
+            raise ValueError("bn_update='clean' needs model= (the module whose BatchNorm buffers to restore)")
+        if no_sync is None and model is not None and callable(getattr(model, "no_sync", None)):
+            no_sync = model.no_sync
+        if no_sync is not None and not callable(no_sync):
+            raise ValueError(f"no_sync must be a callable returning a context manager, got {no_sync!r}")
+
+        super().__init__(params, dict(lr=lr, rho=rho, adaptive=adaptive, eta=eta))
+        self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups  # shared: schedulers drive the base
+        self.state = self.base_optimizer.state  # state_dict() = the base optimizer's (momentum)
+        self.defaults.update(self.base_optimizer.defaults)
+
+        self.bn_update = bn_update
+        self._no_sync = no_sync
+        # Parameters ASAM scales by T = |w|+η: official rule, "weight" in the parameter's name.
+        self._names = {} if model is None else {p: n for n, p in model.named_parameters()}
+        self._bn_buffers = [] if model is None else [
+            b for m in model.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)]
+        self._backup = {}  # p → persistent copy of θ (scratch, never in state_dict)
+        self._bn_backup = None  # persistent copies of BN buffers (scratch)
+        self._perturbed = None  # list of params moved by perturb(), None when at θ
+
+    def add_param_group(self, param_group):
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # during Optimizer.__init__
+            return super().add_param_group(param_group)
+        for key in ("rho", "adaptive", "eta"):
+            param_group.setdefault(key, self.defaults[key])
+        _check_nonneg("rho", param_group["rho"])
+        _check_nonneg("eta", param_group["eta"])
+        base.add_param_group(param_group)
+
+    def _is_weight(self, p):
+        name = self._names.get(p)
+        if name is None:
+            return p.dim() >= 2
+        return "weight" in name.rsplit(".", 1)[-1]
+
+    @torch.no_grad()
+    def perturb(self):
+        """θ ← θ + ε̂ from the gradients now in ``.grad`` (the clean pass); backs up θ (and BN
+        buffers under bn_update='clean'). Parameters whose grad is None are left alone."""
+        if self._perturbed is not None:
+            raise RuntimeError("perturb() called twice without restore()")
+        if self.bn_update == "clean" and self._bn_buffers:  # running stats as after the clean pass
+            if self._bn_backup is None:
+                self._bn_backup = [torch.empty_like(b) for b in self._bn_buffers]
+            torch._foreach_copy_(self._bn_backup, self._bn_buffers)
+        # Per group: (ρ, T-scaled params, T, T g, T=1 params).
+        parts, norm_terms = [], []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            ws, ones = [], []  # T = |w|+η / T = 1
+            for p in ps:
+                (ws if group["adaptive"] and self._is_weight(p) else ones).append(p)
+            t, tg = [], []
+            if ws:
+                t = torch._foreach_abs(ws)
+                torch._foreach_add_(t, group["eta"])  # T = |w| + η
+                tg = torch._foreach_mul(t, [p.grad for p in ws])  # T g
+                norm_terms += torch._foreach_norm(tg)
+            if ones:
+                norm_terms += torch._foreach_norm([p.grad for p in ones])  # T = 1
+            parts.append((group["rho"], ws, t, tg, ones))
+        if not parts:
+            self._perturbed = []
+            return
+        # ‖T g‖ over all parameters, accumulated in at least fp32 on the first parameter's device.
+        device = norm_terms[0].device
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norm_terms) else torch.float32
+        norm = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norm_terms]))
+        inv = 1.0 / (norm + _DELTA)  # 1 / (‖T g‖ + δ), one global norm
+
+        perturbed = []
+        for rho, ws, t, tg, ones in parts:
+            scale = inv * rho  # ρ / (‖T g‖ + δ)
+            if ws:
+                torch._foreach_mul_(tg, t)  # T² g
+                torch._foreach_mul_(tg, scale.to(ws[0].device))
+                self._move(ws, tg)
+            if ones:
+                eps = torch._foreach_mul([p.grad for p in ones], scale.to(ones[0].device))  # ρ g/‖·‖
+                self._move(ones, eps)
+            perturbed += ws + ones
+        self._perturbed = perturbed
+
+    def _move(self, params, eps):
+        """Back up θ into persistent buffers, then θ ← θ + ε̂."""
+        backup = []
+        for p in params:
+            b = self._backup.get(p)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            backup.append(b)
+        torch._foreach_copy_(backup, params)
+        torch._foreach_add_(params, eps)  # θ + ε̂
+
+    @torch.no_grad()
+    def restore(self):
+        """θ ← backup exactly (and BN buffers under bn_update='clean')."""
+        if self._perturbed is None:
+            raise RuntimeError("restore() called without perturb()")
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+        if self.bn_update == "clean" and self._bn_buffers:
+            torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+        self._perturbed = None
+
+    def base_step(self):
+        """The base optimizer's update at θ with the gradients now in ``.grad``."""
+        self.base_optimizer.step()
+
+    def first_step(self, zero_grad=False):
+        """davda54/sam naming: ``perturb()`` (then zero the grads if asked)."""
+        self.perturb()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def second_step(self, zero_grad=False):
+        """davda54/sam naming: ``restore()`` then ``base_step()``."""
+        self.restore()
+        self.base_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure=None):
+        """One SAM/ASAM step. ``closure()`` zeroes the grads, runs forward + backward and returns
+        (outputs, loss); it is called twice on the same batch. Returns the clean call's result."""
+        if closure is None:
+            raise ValueError("closure is required: SAM needs two forward-backward passes "
+                             "(or use perturb()/restore()/base_step())")
+        sync_off = self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
+        with torch.enable_grad(), sync_off:  # clean pass at θ: this rank's own gradient
+            result = closure()
+        self.perturb()
+        with torch.enable_grad():  # perturbed pass at θ + ε̂ (all-reduced under DDP)
+            closure()
+        self.restore()
+        self.base_step()
+        return result
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+
+def _check_nonneg(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
