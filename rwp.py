@@ -143,7 +143,10 @@ class RWP(torch.optim.Optimizer):
         seed: noise seed (int); the stream is ``noise_seed(seed, rank, step)``.
         arwp: shape the noise with the ARWP accumulator; arwp_eta η ≥ 0, arwp_beta β in [0, 1].
         gamma_final: None = constant γ; else σ_t follows a cosine from gamma to gamma_final over
-            ``total_steps`` optimizer steps (then stays there).
+            ``total_steps`` optimizer steps (then stays there). ``total_steps`` may also be set as
+            an attribute after construction, before the first step (a loop that learns its steps
+            per epoch from ``batches_per_step`` builds the optimizer first); missing, the first
+            step raises ValueError.
         **kwargs: passed to the base optimizer (momentum, nesterov, weight_decay, ...).
 
     Attributes for a training loop: ``batches_per_step`` (1 or 2), ``rank_group`` ((group, groups)),
@@ -161,9 +164,8 @@ class RWP(torch.optim.Optimizer):
         _check_range("arwp_beta", arwp_beta, 0.0, 1.0, "a float in [0, 1]")
         if gamma_final is not None:
             _check_range("gamma_final", gamma_final, 0.0, math.inf, "null or a float >= 0")
-            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-                raise ValueError(f"total_steps must be an int >= 1 when gamma_final is set "
-                                 f"(the length of the gamma schedule), got {total_steps!r}")
+        if total_steps is not None:
+            _check_total_steps(total_steps)
         if bn_update not in ("auto", "all", "clean"):
             raise ValueError(f"bn_update must be one of 'auto', 'all', 'clean', got {bn_update!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -248,6 +250,7 @@ class RWP(torch.optim.Optimizer):
             gamma, final = group["gamma"], group["gamma_final"]
             sigma = gamma
             if final is not None:
+                _check_total_steps(self.total_steps)
                 t = min(self.step_count, self.total_steps)
                 sigma = gamma + (final - gamma) * (1 - math.cos(math.pi * t / self.total_steps)) / 2
             out.extend([sigma] * len(group["params"]))
@@ -420,6 +423,12 @@ class RWP(torch.optim.Optimizer):
         self.seed = int(extra["seed"])
         self._scratch = None
         self._stashed = None
+
+
+def _check_total_steps(total_steps):
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1 when gamma_final is set (the length of "
+                         f"the gamma schedule in optimizer steps), got {total_steps!r}")
 
 
 def _check_range(name, value, low, high, allowed):
