@@ -137,8 +137,9 @@ class RWP(torch.optim.Optimizer):
         base_optimizer: optimizer class wrapped, built as ``base_optimizer(param_groups, lr=lr, **kwargs)``.
         two_batches: True = perturbed term on closure(batch=1), clean on closure(batch=0)
             (``batches_per_step`` 2; the official behaviour); False (default) = both on closure().
-        parallel: split the two terms over even/odd ranks under torch.distributed (see modules doc).
-        bn_update: 'auto' | 'clean' | 'all' (see module doc).
+        parallel: split the two terms over even/odd ranks under torch.distributed (see the module
+            docstring).
+        bn_update: 'auto' | 'clean' | 'all' (see the module docstring).
         model: the nn.Module whose BatchNorm buffers the 'clean' policy protects.
         seed: noise seed (int); the stream is ``noise_seed(seed, rank, step)``.
         arwp: shape the noise with the ARWP accumulator; arwp_eta η ≥ 0, arwp_beta β in [0, 1].
@@ -238,6 +239,7 @@ class RWP(torch.optim.Optimizer):
         self._scratch = None     # per-step buffers (never in state_dict)
         self._stashed = None     # which parameters had a perturbed gradient stashed
         self._bn_backup = None
+        self._perturbed = False  # between perturb() and restore()
 
     # ---------------------------------------------------------------- helpers
     def _params(self):
@@ -317,6 +319,8 @@ class RWP(torch.optim.Optimizer):
     @torch.no_grad()
     def perturb(self):
         """θ ← θ + ε with fresh noise; backs up θ (and BN buffers under bn_update='clean')."""
+        if self._perturbed:
+            raise RuntimeError("RWP.perturb() called twice without restore()")
         params = self._params()
         scratch = self._get_scratch(params)
         if self.bn_update == "clean":
@@ -332,11 +336,15 @@ class RWP(torch.optim.Optimizer):
             flat.normal_(generator=self.generator)                     # z ~ N(0, I)
         torch._foreach_mul_(scratch["views"], self._noise_std(params))  # ε = σ ⊙ z
         torch._foreach_add_(params, scratch["views"])                   # θ ← θ + ε
+        self._perturbed = True
 
     @torch.no_grad()
     def restore(self):
         """θ ← θ̄ exactly and BN buffers back; records the perturbed gradient g1 (ARWP accumulator,
         and the stash mixed by base_step() when a clean pass follows)."""
+        if not self._perturbed:
+            raise RuntimeError("RWP.restore() called without perturb()")
+        self._perturbed = False
         params = self._params()
         scratch = self._scratch
         torch._foreach_copy_(params, scratch["backup"])                 # θ ← θ̄
@@ -384,8 +392,10 @@ class RWP(torch.optim.Optimizer):
         if self.parallel:
             if self.perturbed_pass:
                 self.perturb()
-                result = closure(loss_weight=self.loss_weight)         # 2α·L_B(θ+ε)
-                self.restore()
+                try:
+                    result = closure(loss_weight=self.loss_weight)     # 2α·L_B(θ+ε)
+                finally:
+                    self.restore()
             else:
                 result = closure(loss_weight=self.loss_weight)         # 2(1−α)·L_B(θ)
             self.base_step()
@@ -394,8 +404,10 @@ class RWP(torch.optim.Optimizer):
         result = None
         if self.perturbed_pass:
             self.perturb()
-            result = closure(batch=1) if two else closure()             # ∇L_{B1}(θ+ε)
-            self.restore()
+            try:
+                result = closure(batch=1) if two else closure()         # ∇L_{B1}(θ+ε)
+            finally:
+                self.restore()                                          # θ back even on error
         if self.clean_pass:
             result = closure(batch=0) if two else closure()             # ∇L_{B0}(θ)
         self.base_step()

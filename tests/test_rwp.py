@@ -234,6 +234,21 @@ def test_weights_restored_exactly():
     assert seen == [True]
 
 
+def test_weights_restored_when_the_perturbed_closure_raises():
+    model = worker.make_model()
+    opt = RWP(model.parameters(), gamma=0.3, two_batches=True, model=model, **SGD_KW)
+    snapshot = copy.deepcopy(model)
+
+    def closure(batch=0, loss_weight=1.0):
+        model(worker.make_batches(0)[batch][0])
+        raise FloatingPointError("loss is nan")
+    with pytest.raises(FloatingPointError):
+        opt.step(closure)
+    assert_same_model(snapshot, model)
+    with pytest.raises(RuntimeError, match="without perturb"):
+        opt.restore()
+
+
 def test_bn_buffers_only_from_the_clean_pass():
     batches = worker.make_batches(0)
     ref = worker.make_model()
