@@ -13,23 +13,33 @@ from . import preactresnet, pyramidnet, resnet, vgg, wideresnet
 
 _AMP = "hiyouga/AMP-Regularizer models/"
 _RWP = "nblt/RWP models/"
+_WRN = re.compile(r"(rwp_)?wrn([1-9][0-9]*)_([1-9][0-9]*)")
 
-# name -> (builder(num_classes, in_channels, dropout), where it comes from)
+
+def _wrn_builder(name):
+    """`wrn{depth}_{width}` (AMP's WRN) or `rwp_wrn{depth}_{width}` (RWP's) -> builder; else None."""
+    match = _WRN.fullmatch(name)
+    if match is None or int(match[2]) < 10 or (int(match[2]) - 4) % 6:
+        return None
+    family = wideresnet.RWPWideResNet if match[1] else wideresnet.WideResNet
+    return partial(family, int(match[2]), int(match[3]))
+
+
+# name -> (builder(num_classes, in_channels=, dropout=), where it comes from); the table's order.
 _REGISTRY = {}
 for _d in preactresnet.DEPTHS:
     _REGISTRY[f"preactresnet{_d}"] = (partial(preactresnet.PreActResNet, _d),
                                       f"{_AMP}preresnet.py `preactresnet{_d}`")
-_WRN = re.compile(r"(rwp_)?wrn([1-9][0-9]*)_([1-9][0-9]*)")
 for _name, _src in (("wrn16_4", "AMP's WRN builder"), ("wrn16_8", "AMP's WRN builder"),
                     ("wrn28_2", f"{_AMP}wide_resnet.py `wrn28_2`"),
                     ("wrn28_10", f"{_AMP}wide_resnet.py `wrn28_10`"),
                     ("rwp_wrn16_8", f"{_RWP}wide_resnet.py `WideResNet16x8`"),
                     ("rwp_wrn28_10", f"{_RWP}wide_resnet.py `WideResNet28x10`")):
-    _REGISTRY[_name] = (None, _src)  # built from the name pattern below
-for _d in vgg.STAGES:
-    _REGISTRY[f"vgg{_d}"] = (partial(vgg.amp_vgg, _d), f"{_AMP}vgg.py `vgg{_d}` (has BN)")
-for _d in vgg.STAGES:
-    _REGISTRY[f"vgg{_d}_nobn"] = (partial(vgg.amp_vgg, _d, batch_norm=False), f"AMP's vgg{_d} without BN")
+    _REGISTRY[_name] = (_wrn_builder(_name), _src)
+for _bn, _suffix in ((True, ""), (False, "_nobn")):
+    for _d in vgg.STAGES:
+        _REGISTRY[f"vgg{_d}{_suffix}"] = (partial(vgg.amp_vgg, _d, batch_norm=_bn),
+                                          f"{_AMP}vgg.py `vgg{_d}` (has BN)" if _bn else f"AMP's vgg{_d} without BN")
 for _d, _a in pyramidnet.VARIANTS:
     _REGISTRY[f"pyramidnet{_d}_{_a}"] = (partial(pyramidnet.PyramidNet, _d, _a),
                                          f"{_AMP}pyramidnet.py `pyramidnet{_d}_{_a}`")
@@ -57,11 +67,7 @@ def build_model(name, num_classes, in_channels=3, dropout=0.0):
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    builder = _REGISTRY.get(name, (None, None))[0]
-    match = _WRN.fullmatch(name) if isinstance(name, str) else None
-    if builder is None and match and int(match[2]) >= 10 and (int(match[2]) - 4) % 6 == 0:
-        family = wideresnet.RWPWideResNet if match[1] else wideresnet.WideResNet
-        builder = partial(family, int(match[2]), int(match[3]))
+    builder = _REGISTRY[name][0] if name in _REGISTRY else _wrn_builder(str(name))
     if builder is None:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(_REGISTRY)}; also "
                          "wrn{depth}_{width} and rwp_wrn{depth}_{width} for any depth = 6n+4 (n >= 1)")
