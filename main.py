@@ -265,20 +265,21 @@ def parse_config(argv):
 
 # ----------------------------------------------------------------------------- building blocks
 
-def build_optimizer(cfg: Config, model, world_size: int):
-    """The optimizer named by cfg; perturbation optimizers wrap SGD with cfg's base settings."""
+def build_optimizer(cfg: Config, model, world_size: int, no_sync=None):
+    """The optimizer named by cfg; perturbation optimizers wrap SGD with cfg's base settings.
+    `model` is the unwrapped module (BN buffers); `no_sync` the DDP wrapper's no_sync, if any."""
     import torch
     base = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                 weight_decay=cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     bn = {} if cfg.bn_update == "auto" else {"bn_update": cfg.bn_update}
     try:
-        return _make_optimizer(cfg, model, world_size, params, base, bn)
+        return _make_optimizer(cfg, model, world_size, params, base, bn, no_sync)
     except ValueError as e:  # the optimizers' argument checks
         raise UsageError(str(e).splitlines()[0]) from None
 
 
-def _make_optimizer(cfg, model, world_size, params, base, bn):
+def _make_optimizer(cfg, model, world_size, params, base, bn, no_sync):
     import torch
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, **base)
@@ -289,12 +290,12 @@ def _make_optimizer(cfg, model, world_size, params, base, bn):
     if cfg.optimizer == "rwp":
         from rwp import RWP
         return RWP(params, gamma=cfg.gamma, alpha=cfg.alpha, base_optimizer=torch.optim.SGD,
-                   model=model, seed=cfg.seed, parallel=world_size > 1, arwp=cfg.arwp,
-                   arwp_eta=cfg.arwp_eta, arwp_beta=cfg.arwp_beta, gamma_final=cfg.gamma_final,
-                   total_steps=None, **bn, **base)
+                   model=model, seed=cfg.seed, two_batches=True, parallel=world_size > 1 and not cfg.arwp,
+                   arwp=cfg.arwp, arwp_eta=cfg.arwp_eta, arwp_beta=cfg.arwp_beta,
+                   gamma_final=cfg.gamma_final, **bn, **base)
     from sam import SAM
     return SAM(params, rho=cfg.rho, base_optimizer=torch.optim.SGD, adaptive=cfg.optimizer == "asam",
-               eta=cfg.adaptive_eta, model=model, **bn, **base)
+               eta=cfg.adaptive_eta, model=model, no_sync=no_sync, **bn, **base)
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -435,9 +436,10 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+        no_sync = getattr(self.net, "no_sync", None)  # SAM's first pass skips the all-reduce
         if cfg.compile:
             self.net = torch.compile(self.net)
-        self.optimizer = build_optimizer(cfg, self.model, self.world)
+        self.optimizer = build_optimizer(cfg, self.model, self.world, no_sync)
 
         # one loader per batch a step consumes; under torchrun, ranks split into groups
         per_step = getattr(self.optimizer, "batches_per_step", 1)
@@ -453,6 +455,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UsageError(f"batch_size: {cfg.batch_size} is larger than the training set "
                              f"({len(xtr)} samples per shard); lower it or raise train_size")
+        if hasattr(self.optimizer, "total_steps"):  # step-indexed schedules inside the optimizer
+            self.optimizer.total_steps = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -542,11 +546,16 @@ class Trainer:
                 return None
         if bad_step.item() >= 0:
             raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
-        totals = torch.stack([loss_sum, wrong.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
+        # Train metrics come from clean passes (at θ); ranks whose step returns the perturbed pass
+        # (parallel RWP's odd ranks) count only if no rank has a clean pass (ARWP: α = 1).
+        clean = float(getattr(self.optimizer, "returns_clean", True))
+        mine = torch.stack([loss_sum, wrong.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
+        totals = torch.cat([mine * clean, mine])
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)
-        loss_total, wrong_total, n = totals.tolist()
+        totals = totals.tolist()
+        loss_total, wrong_total, n = totals[:3] if totals[2] > 0 else totals[3:]
         return loss_total / n, 100.0 * wrong_total / n, images * self.world
 
     def evaluate(self):

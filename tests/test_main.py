@@ -18,6 +18,13 @@ TINY = DATA + ["--model", "wrn10_1", "--train_size", "256", "--test_size", "128"
                "--epochs", "2", "--eval_batch_size", "128", "--clip_norm", "0"]
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(tmp_path, *args, name="r"):
     code = main.main([*args, "--out_dir", str(tmp_path / "runs"), "--name", name])
     return code, tmp_path / "runs" / name
@@ -145,8 +152,20 @@ def test_end_to_end_sgd_writes_every_record(tmp_path):
     assert len(rows(run_dir)) == 2
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
-    args = [*TINY, "--optimizer", "sgd", "--epochs", "3", "--dropout", "0.1", "--eval_every", "2"]
+@pytest.mark.parametrize("optimizer", ["amp", "rwp", "sam", "asam"])
+def test_end_to_end_perturbation_optimizers(tmp_path, optimizer):
+    code, run_dir = run(tmp_path, *TINY, "--optimizer", optimizer, "--epochs", "1", "--clip_norm", "50")
+    assert code == 0
+    s = json.load(open(run_dir / "summary.json"))
+    assert s["status"] == "completed" and s["final_test_error"] < 90 and s["final_train_loss"] < 2.5
+    r = rows(run_dir)[0]
+    # RWP reads two batches per step: twice the images, SGD's number of steps
+    assert r["images"] == (512 if optimizer == "rwp" else 256)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "amp", "rwp", "sam"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, optimizer):
+    args = [*TINY, "--optimizer", optimizer, "--epochs", "3", "--dropout", "0.1", "--eval_every", "2"]
     assert run(tmp_path, *args, name="full")[0] == 0
     full = rows(tmp_path / "runs" / "full")
 
@@ -169,6 +188,19 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert json.load(open(part / "summary.json"))["final_test_error"] == full[-1]["test_error"]
 
 
+def test_torchrun_two_processes_parallel_rwp(tmp_path):
+    """2 gloo processes: parallel RWP (one clean, one perturbed rank) trains and only rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "main.py", *TINY, "--optimizer", "rwp",
+                        "--epochs", "1", "--batch_size", "32", "--out_dir", str(tmp_path / "runs"), "--name", "ddp"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert os.listdir(tmp_path / "runs") == ["ddp"] and "×2 ranks" in p.stdout
+    r = rows(tmp_path / "runs" / "ddp")[0]
+    assert r["images"] == 512 and r["test_error"] < 90  # each of the 2 rank groups reads the 256 images
+
+
 def test_resume_refuses_another_config(tmp_path, capsys):
     assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1")[0] == 0
     assert main.main(["--resume", str(tmp_path / "runs" / "r"), "--lr", "0.5"]) == 2
@@ -184,3 +216,11 @@ def test_real_fashion_mnist_learns(tmp_path):
                         "--schedule", "cosine", "--pad_mode", "reflect", "--weight_decay", "5e-4")
     assert code == 0
     assert json.load(open(run_dir / "summary.json"))["final_test_error"] < 35.0
+
+
+def test_readme_model_table_is_the_generated_one():
+    import models
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for line in models.markdown_table().splitlines():
+        if line.startswith("|"):
+            assert line in readme, f"README model table is stale (regenerate with python -m models): {line}"
