@@ -207,15 +207,16 @@ def test_resume_refuses_another_config(tmp_path, capsys):
     assert "was run with lr=0.1" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAVE_FASHION, reason="needs the real Fashion-MNIST files")
+@pytest.mark.skipif(not HAVE_FASHION and not os.environ.get("CI"), reason="needs the real Fashion-MNIST files")
 def test_real_fashion_mnist_learns(tmp_path):
-    """4000 real training images, 3 epochs of a 78k-parameter WRN: test error well below chance (90%).
-    Measured 2026-11-22 on the 2-core CPU machine: 21.9% (threshold 35%)."""
+    """4000 real training images, 3 epochs of a 78k-parameter WRN, tested on 1000 real test images:
+    test error far below chance (90%). Measured 29.2% (2026-11-22, 2-core CPU machine, torch 2.14);
+    the threshold of 40% leaves room for other CPUs' rounding."""
     code, run_dir = run(tmp_path, *DATA, "--model", "wrn10_1", "--optimizer", "sgd", "--train_size", "4000",
-                        "--test_size", "1000", "--batch_size", "64", "--epochs", "3", "--lr", "0.05",
-                        "--schedule", "cosine", "--pad_mode", "reflect", "--weight_decay", "5e-4")
+                        "--test_size", "1000", "--batch_size", "64", "--epochs", "3", "--lr", "0.1",
+                        "--schedule", "cosine", "--no-augment", "--weight_decay", "5e-4")
     assert code == 0
-    assert json.load(open(run_dir / "summary.json"))["final_test_error"] < 35.0
+    assert json.load(open(run_dir / "summary.json"))["final_test_error"] < 40.0
 
 
 def test_readme_model_table_is_the_generated_one():
