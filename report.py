@@ -1,0 +1,416 @@
+"""Reproduction report: run folders → our test error (mean ± std over seeds) beside the paper's.
+
+    python report.py runs/amp_table_a [more folders or globs ...] [--csv F] [--json F] [--plot F.png]
+
+Each argument is a run folder (one with `config.yaml`, as `main.py` writes), a folder holding run
+folders (searched recursively), or a glob of either; no argument means `runs`. Runs are grouped
+by their resolved `config.yaml`, ignoring the fields that do not change results (below). For each
+group the Markdown table on stdout gives
+
+  n                           completed runs (seeds) in the group
+  final test error            after the last epoch: mean ± sample std over seeds (ddof = 1; – when n = 1)
+  best (picked on test)       lowest test error over evaluated epochs, per run, then mean ± std;
+                              optimistic, since the epoch is chosen on the test set (the AMP code
+                              reported this number)
+  paper                       the config's paper_error ± paper_spread (the ± means what the paper says)
+  ours − paper                mean final test error minus the paper's number
+
+The group is named by dataset, model, optimizer and a `setting` column holding the fields whose
+values differ between the groups shown. Runs that did not complete (no `summary.json`: still
+running or crashed; or status interrupted / diverged) are listed in a second table with their
+status and epochs, and never averaged. `--plot` draws test error and training loss against epoch,
+one line per group (mean over its completed seeds) with a band spanning min–max over the seeds.
+
+Grouping ignores:
+  - always: seed, name, out_dir, resume, device, workers, eval_batch_size, compile, channels_last
+    (main.py lets these change on --resume), data_dir, download (where the data comes from), and
+    paper_ref / paper_error / paper_spread (labels, taken from the runs);
+  - fields that the run's other settings switch off: the AMP fields unless optimizer is amp, the
+    RWP fields unless rwp (arwp_eta / arwp_beta unless arwp), rho unless sam/asam, adaptive_eta
+    unless asam, bn_update for sgd, nesterov without momentum, milestones / lr_decay under a
+    cosine schedule, the Cutout fields without cutout, and the crop/flip fields without augment
+    (pad_fill also matters for AutoAugment's fill).
+
+Exit codes: 0 done; 1 nothing to plot; 2 bad arguments or no run folders found (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+
+IGNORED = {"seed", "name", "out_dir", "resume", "device", "workers", "eval_batch_size", "compile",
+           "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread"}
+_AMP = ("epsilon", "inner_lr", "inner_iter", "amp_ball")
+_RWP = ("gamma", "alpha", "arwp", "gamma_final")
+# field → condition on the config under which the field changes results
+RELEVANT_IF = {
+    **{f: lambda c: c.get("optimizer") == "amp" for f in _AMP},
+    **{f: lambda c: c.get("optimizer") == "rwp" for f in _RWP},
+    **{f: lambda c: c.get("optimizer") == "rwp" and c.get("arwp") for f in ("arwp_eta", "arwp_beta")},
+    "rho": lambda c: c.get("optimizer") in ("sam", "asam"),
+    "adaptive_eta": lambda c: c.get("optimizer") == "asam",
+    "bn_update": lambda c: c.get("optimizer") != "sgd",
+    "nesterov": lambda c: c.get("momentum", 1) > 0,
+    "milestones": lambda c: c.get("schedule") != "cosine",
+    "lr_decay": lambda c: c.get("schedule") != "cosine",
+    **{f: lambda c: c.get("cutout", True) for f in ("cutout_size", "cutout_prob", "cutout_style")},
+    **{f: lambda c: c.get("augment", True) for f in ("crop_padding", "pad_mode", "flip")},
+    "pad_fill": lambda c: c.get("autoaugment") or (c.get("augment", True) and c.get("pad_mode") != "reflect"),
+}
+OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta", "bn_update"}
+NAMED = ("dataset", "model", "optimizer")  # always their own columns
+OPTIMIZER_ORDER = ("sgd", "amp", "rwp", "sam", "asam")
+NOTE = ("setting = the fields that differ between the groups, where not at the runner's default "
+        "(python main.py --help); n = completed runs (seeds); ± = sample standard deviation over seeds (ddof = 1; – when n = 1); "
+        "final = test error after the last epoch; best = lowest test error over epochs, picked on the "
+        "test set (optimistic; the AMP code reported it); ours − paper uses the final mean. Errors in %.")
+
+
+class UsageError(Exception):
+    """Bad arguments or nothing to report; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+class Run:
+    """One run folder: its config, summary (None if absent), metrics rows and status."""
+
+    def __init__(self, path):
+        import yaml
+        self.path, self.config, self.summary, self.rows, self.problem = path, None, None, [], ""
+        try:
+            with open(os.path.join(path, "config.yaml")) as f:
+                self.config = yaml.safe_load(f)
+            if not isinstance(self.config, dict):
+                raise ValueError("config.yaml is not a mapping")
+            summary = os.path.join(path, "summary.json")
+            if os.path.isfile(summary):
+                with open(summary) as f:
+                    self.summary = json.load(f)
+            metrics = os.path.join(path, "metrics.jsonl")
+            if os.path.isfile(metrics):
+                with open(metrics) as f:
+                    self.rows = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            self.problem = f"unreadable ({type(e).__name__})"
+
+    @property
+    def status(self) -> str:
+        if self.problem:
+            return self.problem
+        if self.summary is None:
+            return "unfinished (no summary.json: running or crashed)"
+        status = self.summary.get("status", "unknown")
+        if status == "completed" and self.summary.get("final_test_error") is None:
+            return "completed without a test error"
+        return status
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def seed(self):
+        return (self.config or {}).get("seed")
+
+    @property
+    def epochs_completed(self) -> int:
+        return (self.summary or {}).get("epochs_completed", len(self.rows))
+
+    def key(self):
+        """The config without the fields that do not change results (module docstring)."""
+        c = self.config
+        return {k: v for k, v in c.items()
+                if k not in IGNORED and (k not in RELEVANT_IF or RELEVANT_IF[k](c))}
+
+
+def find_run_dirs(patterns):
+    """Run folders named by the arguments (folders, folders of runs, globs), in order, no repeats."""
+    found, seen = [], set()
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isdir(m)]
+        if not matches:
+            raise UsageError(f"{pattern!r} is not a folder and matches no folder")
+        for top in matches:
+            for path in _walk_runs(top):
+                if os.path.realpath(path) not in seen:
+                    seen.add(os.path.realpath(path))
+                    found.append(path)
+    if not found:
+        raise UsageError(f"no run folders (folders with config.yaml) under {' '.join(patterns)}")
+    return found
+
+
+def _walk_runs(top):
+    if os.path.isfile(os.path.join(top, "config.yaml")):
+        return [top]
+    runs = []
+    for dirpath, dirnames, _ in os.walk(top):
+        dirnames.sort()
+        if os.path.isfile(os.path.join(dirpath, "config.yaml")):
+            runs.append(dirpath)
+            dirnames[:] = []  # a run folder holds no further runs
+    return runs
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _mean_std(values):
+    """(mean, sample std with ddof = 1 or None when n = 1)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "[]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _defaults():
+    """The runner's defaults (main.Config), {} when main.py cannot be imported."""
+    try:
+        import dataclasses
+        from main import Config
+    except ImportError:
+        return {}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(Config)}
+
+
+def _setting(key, fields, defaults) -> str:
+    """`name=value` (booleans: `name` / `no-name`) for each field of `fields` not at its default."""
+    parts = []
+    for f in fields:
+        if f in key and (f not in defaults or key[f] != defaults[f]):
+            v = key[f]
+            parts.append((f if v else f"no-{f}") if isinstance(v, bool) else f"{f}={_show(v)}")
+    return ", ".join(parts)
+
+
+def _agree(runs, field):
+    """The value of a paper field in a group (most common; warn when the runs disagree)."""
+    values = [r.config.get(field) for r in runs]
+    distinct = sorted({json.dumps(v) for v in values})
+    if len(distinct) > 1:
+        print(f"report.py: warning: runs of one group disagree on {field} ({', '.join(distinct)}); "
+              f"showing the most common; runs: {' '.join(r.path for r in runs)}", file=sys.stderr)
+    return max(values, key=values.count)
+
+
+def summarize(runs):
+    """Completed runs → sorted groups (dicts); other runs → rows of the not-averaged list."""
+    groups = {}
+    for run in runs:
+        if run.completed:
+            groups.setdefault(json.dumps(run.key(), sort_keys=True), []).append(run)
+    keys = {k: json.loads(k) for k in groups}
+    # fields whose values differ between the groups, in Config order (first run's)
+    first = next((r.config for r in runs if r.config), {})
+    order = list(first) + sorted({f for k in keys.values() for f in k} - set(first))
+    varying = [f for f in order if f not in NAMED
+               and len({json.dumps(k.get(f)) for k in keys.values() if f in k}) > 1]
+    defaults = _defaults()
+    data_fields = [f for f in varying if f not in OPTIMIZER_FIELDS]  # rows sort on these first
+    out = []
+    for k, members in groups.items():
+        key = keys[k]
+        seeds = [r.seed for r in members]
+        if len(set(seeds)) < len(seeds):
+            print(f"report.py: warning: seeds {sorted(seeds)} repeat in one group (the same run twice?); "
+                  f"all are averaged: {' '.join(r.path for r in members)}", file=sys.stderr)
+        final = [float(r.summary["final_test_error"]) for r in members]
+        best = [float(r.summary["best_test_error"]) for r in members]
+        (fm, fs), (bm, bs) = _mean_std(final), _mean_std(best)
+        paper, spread, ref = (_agree(members, f) for f in ("paper_error", "paper_spread", "paper_ref"))
+        out.append({
+            "dataset": key.get("dataset"), "model": key.get("model"), "optimizer": key.get("optimizer"),
+            "setting": _setting(key, varying, defaults), "_sort": _setting(key, data_fields, defaults),
+            "n": len(members), "seeds": seeds,
+            "final_mean": fm, "final_std": fs, "best_mean": bm, "best_std": bs,
+            "final": final, "best": best,
+            "paper_error": paper, "paper_spread": spread, "paper_ref": ref or "",
+            "diff_final": fm - paper if paper is not None else None,
+            "diff_best": bm - paper if paper is not None else None,
+            "runs": [r.path for r in members], "config": key, "_runs": members,
+        })
+    rank = {o: i for i, o in enumerate(OPTIMIZER_ORDER)}
+    out.sort(key=lambda g: (str(g["dataset"]), str(g["model"]), g["_sort"],
+                            rank.get(g["optimizer"], len(rank)), str(g["optimizer"])))
+    others = [{"run": r.path, "seed": r.seed, "status": r.status, "epochs_completed": r.epochs_completed,
+               "epochs": (r.config or {}).get("epochs"),
+               "last_test_error": next((row["test_error"] for row in reversed(r.rows)
+                                        if row.get("test_error") is not None), None),
+               "message": (r.summary or {}).get("message", "")}
+              for r in runs if not r.completed]
+    return out, others
+
+
+# ----------------------------------------------------------------------------- output
+
+def _pm(mean, std) -> str:
+    return f"{mean:.2f} ± " + (f"{std:.2f}" if std is not None else "–")
+
+
+def markdown(groups, others) -> str:
+    show_setting = any(g["setting"] for g in groups)
+    head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + [
+        "n", "final test error %", "best (picked on test) %", "paper %", "ours − paper"]
+    lines = []
+    if groups:
+        lines += ["| " + " | ".join(head) + " |",
+                  "|" + "|".join("---:" if h in ("n",) or "%" in h or "paper" in h else "---" for h in head) + "|"]
+        for g in groups:
+            paper = "–" if g["paper_error"] is None else f"{g['paper_error']:g}" + (
+                f" ± {g['paper_spread']:g}" if g["paper_spread"] is not None else "")
+            diff = "–" if g["diff_final"] is None else f"{g['diff_final']:+.2f}"
+            cells = [g["dataset"], g["model"], g["optimizer"]] + ([g["setting"]] if show_setting else []) + [
+                g["n"], _pm(g["final_mean"], g["final_std"]), _pm(g["best_mean"], g["best_std"]), paper, diff]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines += ["", NOTE]
+    else:
+        lines.append("No completed runs.")
+    if others:
+        lines += ["", "Not averaged (unfinished, interrupted, diverged or crashed):", "",
+                  "| run | seed | status | epochs | last test error % |", "|---|---:|---|---:|---:|"]
+        for o in others:
+            last = "–" if o["last_test_error"] is None else f"{o['last_test_error']:.2f}"
+            lines.append(f"| {o['run']} | {o['seed']} | {o['status']} | {o['epochs_completed']}/{o['epochs']} | {last} |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["dataset", "model", "optimizer", "setting", "n", "seeds", "final_mean", "final_std",
+              "best_mean", "best_std", "paper_error", "paper_spread", "diff_final", "diff_best", "paper_ref", "runs"]
+
+
+def write_csv(path, groups):
+    """One row per group; seeds and runs space-separated; empty cell = none (n = 1 std, no paper)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for g in groups:
+            row = {k: g[k] for k in CSV_FIELDS}
+            row["seeds"] = " ".join(str(s) for s in g["seeds"])
+            row["runs"] = " ".join(g["runs"])
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def write_json(path, groups, others):
+    data = {"note": NOTE, "groups": [{k: v for k, v in g.items() if not k.startswith("_")} for g in groups],
+            "not_averaged": others}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _curve(runs, field):
+    """(epochs, mean, min, max) over the runs at the epochs where every run has `field`."""
+    per_run = [{row["epoch"]: row[field] for row in r.rows if row.get(field) is not None} for r in runs]
+    epochs = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    values = [[p[e] for p in per_run] for e in epochs]
+    return (epochs, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def plot(groups, path):
+    """Test error and training loss against epoch; one line (mean) and min–max band per group.
+    A panel whose values span more than a factor of 10 gets a log axis, so final errors stay apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    named = [f for f in NAMED if len({g[f] for g in groups}) > 1] or list(NAMED)
+    labels = [" ".join(str(g[f]) for f in named) + (f", {g['setting']}" if g["setting"] else "")
+              + f" (n={g['n']})" for g in groups]
+    longest = max(len(label) for label in labels)
+    ncol = min(len(groups), 1 if longest > 70 else 2 if longest > 45 else 3)
+    legend_h = 0.25 + 0.2 * -(-len(groups) // ncol)   # inches below the panels
+    panels_h = 4.4
+    fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(13, panels_h + legend_h))
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    spans = {"test_error": [], "train_loss": []}
+    for i, (g, label) in enumerate(zip(groups, labels)):
+        style = dict(color=colors[i % len(colors)], linestyle=("-", "--", ":", "-.")[i // len(colors) % 4])
+        for ax, field in ((ax_err, "test_error"), (ax_loss, "train_loss")):
+            x, mean, lo, hi = _curve(g["_runs"], field)
+            ax.plot(x, mean, marker="o" if len(x) < 20 else None, markersize=3, linewidth=1.6,
+                    label=label if ax is ax_err else None, **style)
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.18, linewidth=0)
+            spans[field] += lo + hi
+    for ax, field, title, ylabel in ((ax_err, "test_error", "Test error", "test error (%)"),
+                                     (ax_loss, "train_loss", "Training loss", "training loss (cross-entropy)")):
+        values = spans[field]
+        if values and min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")
+            ylabel += ", log scale"
+            few = math.log10(max(values) / min(values)) <= 2.5  # label 2× and 5× ticks too
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _: f"{v:g}" if few and f"{v:.0e}"[0] in "25" else ""))
+            ax.tick_params(axis="y", which="both", labelsize=9)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    height = panels_h + legend_h
+    n_runs = sum(g["n"] for g in groups)
+    fig.suptitle(f"{len(groups)} group(s), {n_runs} completed run(s): line = mean over seeds, "
+                 f"band = min–max over seeds", fontsize=12)
+    fig.tight_layout(rect=(0, legend_h / height, 1, 0.97))
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, legend_h / height), ncol=ncol, fontsize=9, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _parser():
+    p = _Parser(prog="report.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("paths", nargs="*", default=["runs"], help="run folders, folders of runs, or globs (default: runs)")
+    p.add_argument("--csv", metavar="FILE", help="also write the groups as CSV")
+    p.add_argument("--json", metavar="FILE", help="also write groups and not-averaged runs as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot test error and training loss against epoch")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        _parser().print_help()
+        return 0
+    try:
+        args = _parser().parse_args(argv)
+        for opt in ("csv", "json", "plot"):
+            out = getattr(args, opt)
+            if out is not None and not os.path.isdir(os.path.dirname(out) or "."):
+                raise UsageError(f"--{opt}: folder {os.path.dirname(out)!r} does not exist")
+        runs = [Run(p) for p in find_run_dirs(args.paths)]
+    except UsageError as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        return 2
+    groups, others = summarize(runs)
+    sys.stdout.write(markdown(groups, others))
+    if args.csv:
+        write_csv(args.csv, groups)
+    if args.json:
+        write_json(args.json, groups, others)
+    if args.plot:
+        if not groups:
+            print("report.py: error: no completed runs to plot", file=sys.stderr)
+            return 1
+        plot(groups, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
