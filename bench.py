@@ -1,0 +1,490 @@
+"""Throughput of the training step per optimizer, of the data pipeline and of evaluation.
+
+    python bench.py [--optimizers sgd amp rwp sam] [--steps N] [--json out.json] [Config flags ...]
+
+Every flag that is not bench.py's own is a field of main.py's Config (`--model`, `--batch_size`,
+`--dataset`, `--precision`, `--channels_last`, `--compile`, `--device`, `--clip_norm`, `--config`,
+...), validated exactly as main.py does; the optimizers are built by `main.build_optimizer` and each
+step calls `optimizer.step(closure)` with the runner's own closure (`main.Trainer.closure_for`).
+Without `--config`, bench.py starts from small CPU defaults (BENCH_DEFAULTS below); with it, the
+config file decides and flags still override.
+
+What is measured, on synthetic tensors of the dataset's shape on the device (timings do not
+depend on pixel values):
+
+- train: after `--warmup` steps, `--repeats` blocks of `--steps` optimizer steps each; the block's
+  time / steps is one ms/step sample and the table gives the median. Wall clock on CPU, CUDA events
+  on GPU (one synchronisation per block, none inside it). An RWP step consumes two batches
+  (clean + perturbed, as the runner feeds it), so its images/s counts both: images/s =
+  batches/step × batch_size / (s/step). "ratio" is ms/step over SGD's. "epoch" is the compute time
+  of one epoch of the dataset's training set (its number of optimizer steps × ms/step; data
+  pipeline and evaluation excluded). Peak memory: torch.cuda.max_memory_allocated over the build,
+  warm-up and timed steps of that optimizer alone (on CUDA the optimizers run one after another
+  and each is freed before the next); on CPU it is not measured (n/a). GFLOP/step counts the
+  convolution/matmul FLOPs of one eager step (torch.utils.flop_counter), TFLOP/s = that / time.
+  On CPU the optimizers' blocks are interleaved round by round (all models alive) so that a change
+  of machine load hits every optimizer alike; on CUDA they run one after another (peak memory).
+- pipeline: data_utils.TrainLoader + Augment as the runner builds them from the Config (bench
+  default: crop with padding 4 and fill 128, flip, Cutout 'amp' 16) on uint8 data of the dataset's
+  shape (`--train_size` samples, 0 = the dataset's training-set size); augmented images/s at
+  the training batch size over `--pipeline_batches` batches.
+- eval: images/s of the runner's evaluation (normalise, forward in eval mode, loss and errors on
+  the device) at `--eval_batch_size` over `--eval_batches` batches.
+- `--check_sync`: on CUDA, one steady-state step of each optimizer under
+  torch.cuda.set_sync_debug_mode("error"): pass, or fail with the first offending call.
+
+Prints Markdown tables; `--json` writes device, torch version, date, the command line, the resolved
+Config and every figure. Exit code 2 with one line on stderr for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+BENCH_OPTIMIZERS = ("sgd", "amp", "rwp", "sam", "asam")
+# Config settings bench.py starts from when no --config is given (small enough for a 2-core CPU;
+# Cutout on so that the pipeline runs the standard CIFAR augmentation: crop/4/fill 128, flip, Cutout 16).
+BENCH_DEFAULTS = ["--model", "wrn16_2", "--batch_size", "32", "--cutout"]
+# Training-set sizes: an epoch's number of optimizer steps (and the pipeline's data when train_size=0).
+TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000}
+QUICK = dict(steps=2, warmup=1, repeats=1, pipeline_batches=2, eval_batches=1)
+NORMAL = dict(steps=5, warmup=2, repeats=3, pipeline_batches=50, eval_batches=3)
+
+
+class UsageError(Exception):
+    """Bad arguments; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _parser():
+    p = _Parser(prog="bench.py", description=__doc__.split("\n")[0], allow_abbrev=False,
+                epilog="Any other --flag is a main.py Config field (python main.py --help lists them).")
+    p.add_argument("--optimizers", nargs="+", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
+                   metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} (default: sgd amp rwp sam)")
+    p.add_argument("--steps", type=int, help=f"timed optimizer steps per block (default {NORMAL['steps']})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps first (default {NORMAL['warmup']})")
+    p.add_argument("--repeats", type=int, help=f"timed blocks; the median is reported (default {NORMAL['repeats']})")
+    p.add_argument("--pipeline_batches", type=int,
+                   help=f"augmented batches timed (default {NORMAL['pipeline_batches']}; 0 = skip the pipeline)")
+    p.add_argument("--eval_batches", type=int,
+                   help=f"evaluation batches timed (default {NORMAL['eval_batches']}; 0 = skip evaluation)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny counts for a smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    p.add_argument("--check_sync", action="store_true",
+                   help='CUDA: one step per optimizer under torch.cuda.set_sync_debug_mode("error")')
+    p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    return p
+
+
+def parse_args(argv):
+    """(bench options, resolved main.Config). Raises UsageError with a one-line message."""
+    import main
+    args, rest = _parser().parse_known_args(argv)
+    for k, v in (QUICK if args.quick else NORMAL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("steps", "repeats"):
+        if getattr(args, k) < 1:
+            raise UsageError(f"--{k}: {getattr(args, k)} must be >= 1")
+    for k in ("warmup", "pipeline_batches", "eval_batches"):
+        if getattr(args, k) < 0:
+            raise UsageError(f"--{k}: {getattr(args, k)} must be >= 0")
+    if any(a == "--optimizer" or a.startswith("--optimizer=") for a in rest):
+        raise UsageError("--optimizer: bench.py takes a list, --optimizers (e.g. --optimizers sgd amp)")
+    if len(set(args.optimizers)) != len(args.optimizers):
+        raise UsageError(f"--optimizers: {' '.join(args.optimizers)} names one twice")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UsageError(f"--json: folder of {args.json!r} does not exist")
+    given_config = any(a == "--config" or a.startswith("--config=") for a in rest)
+    try:
+        cfg, _ = main.parse_config(([] if given_config else BENCH_DEFAULTS) + rest)
+    except main.UsageError as e:
+        raise UsageError(str(e).replace("python main.py --help", "python bench.py --help")) from None
+    return args, cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _device(cfg):
+    import torch
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device: cuda requested but no CUDA GPU is visible; use --device cpu")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(0)
+        torch.backends.cudnn.benchmark = True  # as the runner
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _device_name(device):
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+class _Timer:
+    """Seconds of the enclosed work: wall clock on CPU; CUDA events on GPU (one sync at the end)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds = None
+
+    def __enter__(self):
+        import torch
+        if self.cuda:
+            torch.cuda.synchronize()  # start from an idle queue; not part of the timing
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+def _autocast(cfg, device):
+    import torch
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else None
+
+
+def _build_model(cfg, device):
+    """The model and the net the closure calls, as main.Trainer builds them (one process)."""
+    import torch
+    import data_utils
+    import models
+    info = data_utils.DATASETS[cfg.dataset]
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(cfg.model, info.num_classes, info.channels, dropout=cfg.dropout).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model
+    return model, net
+
+
+def _augment(cfg):
+    """data_utils.Augment from the Config, as main.Trainer builds it."""
+    import data_utils
+    info = data_utils.DATASETS[cfg.dataset]
+    mean, std = tuple(cfg.mean) or info.mean, tuple(cfg.std) or info.std
+    return data_utils.Augment(
+        mean, std, crop=cfg.augment, padding=cfg.crop_padding, pad_mode=cfg.pad_mode,
+        fill=cfg.pad_fill, flip=cfg.augment and cfg.flip,
+        cutout_size=cfg.cutout_size if cfg.cutout else 0, cutout_prob=cfg.cutout_prob,
+        cutout_style=cfg.cutout_style)
+
+
+def _steps_per_epoch(cfg):
+    n = cfg.train_size or TRAIN_SIZE[cfg.dataset]
+    b = cfg.batch_size
+    return n // b + (1 if n % b > 1 else 0)  # TrainLoader's count: the runner's steps per epoch
+
+
+class _Run:
+    """One optimizer on its own model, stepping on fixed synthetic batches like main.Trainer."""
+
+    def __init__(self, cfg, name, device, batches):
+        import main
+        self.cfg = dataclasses.replace(cfg, optimizer=name)
+        self.name = name
+        self.model, self.net = _build_model(self.cfg, device)
+        self.optimizer = main.build_optimizer(self.cfg, self.model, world_size=1)
+        if getattr(self.optimizer, "total_steps", 0) is None:  # γ schedules, as the runner sets it
+            self.optimizer.total_steps = self.cfg.epochs * _steps_per_epoch(self.cfg)
+        self.batches_per_step = getattr(self.optimizer, "batches_per_step", 1)
+        self.batches = batches[:self.batches_per_step]
+        # The runner's closure, Trainer.closure_for, called on the attributes it reads.
+        self._trainer = types.SimpleNamespace(torch=__import__("torch"), net=self.net, model=self.model,
+                                              cfg=self.cfg, optimizer=self.optimizer,
+                                              autocast=_autocast(self.cfg, device))
+        self._closure_for = main.Trainer.closure_for
+        self.model.train()
+
+    def step(self, eager=False):
+        trainer = self._trainer if not eager else types.SimpleNamespace(**{**vars(self._trainer), "net": self.model})
+        return self.optimizer.step(self._closure_for(trainer, self.batches))
+
+    def steps(self, n):
+        for _ in range(n):
+            self.step()
+
+
+def _synthetic_batches(cfg, device, count):
+    """`count` (normalised images, labels) batches of the dataset's shape on the device."""
+    import torch
+    import data_utils
+    info = data_utils.DATASETS[cfg.dataset]
+    g = torch.Generator().manual_seed(cfg.seed)
+    out = []
+    for _ in range(count):
+        x = torch.randn(cfg.batch_size, info.channels, info.size, info.size, generator=g).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append((x, torch.randint(0, info.num_classes, (cfg.batch_size,), generator=g).to(device)))
+    return out
+
+
+def add_flops(rows, cfg, device):
+    """Convolution/matmul FLOPs of one eager step of each optimizer (all its passes) on a fresh
+    model, and the achieved TFLOP/s. Run after every timing: in this process, a FlopCounterMode
+    pass was followed by slower steps on CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    batches = _synthetic_batches(cfg, device, 2)
+    for row in rows:
+        run = _Run(cfg, row["optimizer"], device, batches)
+        with FlopCounterMode(display=False) as counter:
+            run.step(eager=True)
+        row["flop_per_step"] = counter.get_total_flops()
+        row["achieved_tflops"] = row["flop_per_step"] / row["ms_per_step"] / 1e9
+        del run
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def bench_train(args, cfg, device):
+    import torch
+    cuda = device.type == "cuda"
+    batches = _synthetic_batches(cfg, device, 2)
+    names = list(args.optimizers)
+    # CPU: rounds interleave the optimizers (all alive); CUDA: one optimizer at a time (peak memory).
+    order = ([(r, n) for r in range(args.repeats) for n in names] if not cuda
+             else [(r, n) for n in names for r in range(args.repeats)])
+    last_use = {n: max(i for i, (_, m) in enumerate(order) if m == n) for n in names}
+    runs, samples, rows = {}, {n: [] for n in names}, {}
+    for i, (_, name) in enumerate(order):
+        if name not in runs:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            runs[name] = _Run(cfg, name, device, batches)
+            runs[name].steps(args.warmup)
+        run = runs[name]
+        with _Timer(device) as t:
+            run.steps(args.steps)
+        samples[name].append(1000 * t.seconds / args.steps)
+        if i == last_use[name]:
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+            rows[name] = dict(optimizer=name, batches_per_step=run.batches_per_step, peak_memory_mib=peak)
+            if cuda:
+                del runs[name], run
+    runs.clear()
+    steps_per_epoch = _steps_per_epoch(cfg)
+    out = []
+    for name in names:
+        row = rows[name]
+        ms = statistics.median(samples[name])
+        images = row["batches_per_step"] * cfg.batch_size
+        row.update(ms_per_step=ms, ms_per_step_samples=samples[name], steps_per_s=1000 / ms,
+                   images_per_step=images, images_per_s=images * 1000 / ms,
+                   epoch_s=steps_per_epoch * ms / 1000)
+        out.append(row)
+    base = next((r for r in out if r["optimizer"] == "sgd"), None)
+    for row in out:
+        row["ratio_to_sgd"] = row["ms_per_step"] / base["ms_per_step"] if base else None
+        row["peak_memory_ratio_to_sgd"] = (row["peak_memory_mib"] / base["peak_memory_mib"]
+                                           if base and row["peak_memory_mib"] else None)
+    return out, steps_per_epoch
+
+
+def bench_pipeline(args, cfg, device):
+    import torch
+    import data_utils
+    info = data_utils.DATASETS[cfg.dataset]
+    n = cfg.train_size or TRAIN_SIZE[cfg.dataset]
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, info.num_classes, (n,), generator=g)
+    loader = data_utils.TrainLoader(images, labels, cfg.batch_size, _augment(cfg), device=device, seed=cfg.seed)
+    if len(loader) == 0:
+        raise UsageError(f"train_size: {n} samples make no batch of {cfg.batch_size}")
+
+    def forever():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = forever()
+    next(it)  # warm-up: first shuffle and kernels
+    count = 0
+    with _Timer(device) as t:
+        for _ in range(args.pipeline_batches):
+            x, y = next(it)
+            count += len(y)
+    return dict(batch_size=cfg.batch_size, batches=args.pipeline_batches, images=count, seconds=t.seconds,
+                batches_per_s=args.pipeline_batches / t.seconds, images_per_s=count / t.seconds,
+                train_size=n, augment=dict(crop=cfg.augment, crop_padding=cfg.crop_padding, pad_mode=cfg.pad_mode,
+                                           pad_fill=cfg.pad_fill, flip=cfg.augment and cfg.flip,
+                                           cutout=cfg.cutout, cutout_size=cfg.cutout_size,
+                                           cutout_style=cfg.cutout_style))
+
+
+def bench_eval(args, cfg, device):
+    import torch
+    import data_utils
+    info = data_utils.DATASETS[cfg.dataset]
+    model, net = _build_model(cfg, device)
+    model.eval()
+    autocast = _autocast(cfg, device)
+    bs = cfg.eval_batch_size
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x_all = torch.randint(0, 256, (bs, info.channels, info.size, info.size), generator=g, dtype=torch.uint8).to(device)
+    y_all = torch.randint(0, info.num_classes, (bs,), generator=g).to(device)
+    aug = _augment(cfg)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+
+    def one_batch():  # main.Trainer.evaluate's body for one batch
+        for x, y in data_utils.test_batches(x_all, y_all, bs, aug, device=device):
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast if autocast is not None else contextlib.nullcontext():
+                out = net(x)
+            totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+            totals[1] += (out.argmax(1) != y).sum()
+            totals[2] += len(y)
+
+    with torch.no_grad():
+        one_batch()  # warm-up
+        with _Timer(device) as t:
+            for _ in range(args.eval_batches):
+                one_batch()
+    images = bs * args.eval_batches
+    return dict(batch_size=bs, batches=args.eval_batches, images=images, seconds=t.seconds,
+                images_per_s=images / t.seconds)
+
+
+def check_sync(args, cfg, device):
+    """One steady-state step per optimizer under sync debug mode "error" (CUDA only)."""
+    import torch
+    if device.type != "cuda":
+        return {name: "n/a (no CUDA)" for name in args.optimizers}
+    batches = _synthetic_batches(cfg, device, 2)
+    result = {}
+    for name in args.optimizers:
+        run = _Run(cfg, name, device, batches)
+        run.steps(2)  # state allocated, kernels chosen, compiled if --compile
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run.step()
+            result[name] = "pass"
+        except RuntimeError as e:
+            result[name] = "fail: " + str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        del run
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def tables(report):
+    cfg = report["config"]
+    lines = [f"bench.py: {cfg['model']}, {cfg['dataset']}-shaped synthetic data, batch {cfg['batch_size']}, "
+             f"{cfg['precision']}" + (", channels_last" if cfg["channels_last"] else "")
+             + (", compile" if cfg["compile"] else "") + f" | {report['device']} | torch {report['torch']} | "
+             f"{report['date']} | load {report['loadavg_start'][0]:.2f}→{report['loadavg_end'][0]:.2f}", ""]
+    if report["train"]:
+        lines += ["| optimizer | batches/step | ms/step | images/s | ratio to SGD | epoch s (compute) "
+                  "| peak MiB | peak ratio | GFLOP/step | TFLOP/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["train"]:
+            lines.append(f"| {r['optimizer']} | {r['batches_per_step']} | {r['ms_per_step']:.1f} | "
+                         f"{r['images_per_s']:.0f} | {_fmt(r['ratio_to_sgd'], '.3f')} | {r['epoch_s']:.1f} | "
+                         f"{_fmt(r['peak_memory_mib'], '.0f')} | {_fmt(r['peak_memory_ratio_to_sgd'], '.3f')} | "
+                         f"{r['flop_per_step'] / 1e9:.2f} | {r['achieved_tflops']:.3f} |")
+        lines.append(f"(median of {report['settings']['repeats']} blocks of {report['settings']['steps']} steps "
+                     f"after {report['settings']['warmup']} warm-up; epoch = {report['steps_per_epoch']} steps; "
+                     "RWP's images/s counts both batches of a step)")
+        lines.append("")
+    rows = []
+    if report["pipeline"]:
+        p = report["pipeline"]
+        rows.append(f"| pipeline (augmented, train batches) | {p['batch_size']} | {p['batches']} | "
+                    f"{p['batches_per_s']:.1f} batches/s | {p['images_per_s']:.0f} |")
+    if report["eval"]:
+        e = report["eval"]
+        rows.append(f"| evaluation (forward, eval mode) | {e['batch_size']} | {e['batches']} | "
+                    f"{e['images'] / e['seconds'] / e['batch_size']:.2f} batches/s | {e['images_per_s']:.0f} |")
+    if rows:
+        lines += ["| stage | batch | batches timed | rate | images/s |", "|---|---:|---:|---:|---:|", *rows, ""]
+    if report["sync_check"] is not None:
+        lines += ["| optimizer | no host sync in step (sync debug mode \"error\") |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in report["sync_check"].items()] + [""]
+    return "\n".join(lines)
+
+
+def run(argv):
+    import torch
+    import main
+    args, cfg = parse_args(argv)
+    device = _device(cfg)
+    report = dict(
+        bench="bench.py", date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        device=_device_name(device), device_type=device.type, torch=torch.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(), git_commit=main.git_commit(),
+        command=" ".join(["python", "bench.py", *argv]), argv=list(argv),
+        settings={k: getattr(args, k) for k in ("optimizers", "steps", "warmup", "repeats", "pipeline_batches",
+                                                 "eval_batches", "quick", "check_sync")},
+        config=dataclasses.asdict(cfg), threads=torch.get_num_threads(), loadavg_start=list(os.getloadavg()),
+        memory_note=("torch.cuda.max_memory_allocated over one optimizer's build, warm-up and steps" if
+                     device.type == "cuda" else "not measured on CPU"),
+    )
+    report["train"], report["steps_per_epoch"] = bench_train(args, cfg, device)
+    report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches else None
+    report["eval"] = bench_eval(args, cfg, device) if args.eval_batches else None
+    report["sync_check"] = check_sync(args, cfg, device) if args.check_sync else None
+    add_flops(report["train"], cfg, device)
+    report["loadavg_end"] = list(os.getloadavg())
+    print(tables(report), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return report
+
+
+def main_cli(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())
