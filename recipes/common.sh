@@ -61,8 +61,10 @@ run_configs() {
   done
 }
 
-# report: the table of every run under OUT; exit 1 if a run failed.
+# report: the table of every run under OUT; exit 1 if a run failed, else report.py's exit code.
 report() {
-  run python report.py "$OUT"
+  local code=0
+  run python report.py "$OUT" || code=$?
   if (( FAILED > 0 )); then echo "$FAILED run(s) failed; see their log.txt under $OUT" >&2; exit 1; fi
+  return "$code"
 }
