@@ -16,7 +16,7 @@ group the Markdown table on stdout gives
   ours − paper                mean final test error minus the paper's number
 
 The group is named by dataset, model, optimizer and a `setting` column holding the fields whose
-values differ between the groups shown. Runs that did not complete (no `summary.json`: still
+values differ between the groups shown, where not at the runner's default (main.py --help). Runs that did not complete (no `summary.json`: still
 running or crashed; or status interrupted / diverged) are listed in a second table with their
 status and epochs, and never averaged. `--plot` draws test error and training loss against epoch,
 one line per group (mean over its completed seeds) with a band spanning min–max over the seeds.
@@ -121,7 +121,8 @@ class Run:
 
     @property
     def epochs_completed(self) -> int:
-        return (self.summary or {}).get("epochs_completed", len(self.rows))
+        # a resumed run that is still going has the summary of its stopped attempt: take the larger
+        return max((self.summary or {}).get("epochs_completed") or 0, len(self.rows))
 
     def key(self):
         """The config without the fields that do not change results (module docstring)."""
@@ -375,7 +376,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser():
-    p = _Parser(prog="report.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = _Parser(prog="report.py", description=__doc__, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=["runs"], help="run folders, folders of runs, or globs (default: runs)")
     p.add_argument("--csv", metavar="FILE", help="also write the groups as CSV")
     p.add_argument("--json", metavar="FILE", help="also write groups and not-averaged runs as JSON")
