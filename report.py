@@ -16,10 +16,11 @@ group the Markdown table on stdout gives
   ours − paper                mean final test error minus the paper's number
 
 The group is named by dataset, model, optimizer and a `setting` column holding the fields whose
-values differ between the groups shown, where not at the runner's default (main.py --help). Runs that did not complete (no `summary.json`: still
-running or crashed; or status interrupted / diverged) are listed in a second table with their
-status and epochs, and never averaged. `--plot` draws test error and training loss against epoch,
-one line per group (mean over its completed seeds) with a band spanning min–max over the seeds.
+values differ between the groups shown, where not at the runner's default (main.py --help).
+Runs that did not complete (no `summary.json`: still running or crashed; or status interrupted /
+diverged) are listed in a second table with their status and epochs, and never averaged.
+`--plot` draws test error and training loss against epoch, one line per group (mean over its
+completed seeds) with a band spanning min–max over the seeds.
 
 Grouping ignores:
   - always: seed, name, out_dir, resume, device, workers, eval_batch_size, compile, channels_last
@@ -67,9 +68,10 @@ OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta"
 NAMED = ("dataset", "model", "optimizer")  # always their own columns
 OPTIMIZER_ORDER = ("sgd", "amp", "rwp", "sam", "asam")
 NOTE = ("setting = the fields that differ between the groups, where not at the runner's default "
-        "(python main.py --help); n = completed runs (seeds); ± = sample standard deviation over seeds (ddof = 1; – when n = 1); "
-        "final = test error after the last epoch; best = lowest test error over epochs, picked on the "
-        "test set (optimistic; the AMP code reported it); ours − paper uses the final mean. Errors in %.")
+        "(python main.py --help); n = completed runs (seeds); ± = sample standard deviation over "
+        "seeds (ddof = 1; – when n = 1); final = test error after the last epoch; best = lowest test "
+        "error over epochs, picked on the test set (optimistic; the AMP code reported it); "
+        "ours − paper uses the final mean. Errors in %.")
 
 
 class UsageError(Exception):
@@ -282,7 +284,8 @@ def markdown(groups, others) -> str:
                   "| run | seed | status | epochs | last test error % |", "|---|---:|---|---:|---:|"]
         for o in others:
             last = "–" if o["last_test_error"] is None else f"{o['last_test_error']:.2f}"
-            lines.append(f"| {o['run']} | {o['seed']} | {o['status']} | {o['epochs_completed']}/{o['epochs']} | {last} |")
+            lines.append(f"| {o['run']} | {o['seed']} | {o['status']} | "
+                         f"{o['epochs_completed']}/{o['epochs']} | {last} |")
     return "\n".join(lines) + "\n"
 
 

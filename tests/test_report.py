@@ -222,8 +222,8 @@ def test_recipes_dry_run_print_valid_commands_covering_every_config(tmp_path, fa
         assert all(sorted(seeds) == [0, 1] for seeds in configs.values())
         assert len(lines) - 1 == 2 * len(configs)
         covered += configs
-    assert sorted(covered) == sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"),
-                                                                               recursive=True))
+    every = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    assert sorted(covered) == sorted(os.path.relpath(p, ROOT) for p in every)
 
 
 def test_recipe_options_launch_only_extra_args_resume(tmp_path):
