@@ -72,8 +72,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser():
     p = _Parser(prog="bench.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                 epilog="Any other --flag is a main.py Config field (python main.py --help lists them).")
-    p.add_argument("--optimizers", nargs="+", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
-                   metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} (default: sgd amp rwp sam)")
+    p.add_argument("--optimizers", nargs="*", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
+                   metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} "
+                   "(default: sgd amp rwp sam; none = time only the pipeline and evaluation)")
     p.add_argument("--steps", type=int, help=f"timed optimizer steps per block (default {NORMAL['steps']})")
     p.add_argument("--warmup", type=int, help=f"untimed steps first (default {NORMAL['warmup']})")
     p.add_argument("--repeats", type=int, help=f"timed blocks; the median is reported (default {NORMAL['repeats']})")
@@ -226,13 +227,45 @@ class _Run:
         self._closure_for = main.Trainer.closure_for
         self.model.train()
 
-    def step(self, eager=False):
+    def step(self, eager=False, marks=None):
+        """One optimizer step as the runner makes it. `marks` (a _Marks) brackets every closure call."""
         trainer = self._trainer if not eager else types.SimpleNamespace(**{**vars(self._trainer), "net": self.model})
-        return self.optimizer.step(self._closure_for(trainer, self.batches))
+        closure = self._closure_for(trainer, self.batches)
+        return self.optimizer.step(closure if marks is None else marks.wrap(closure))
 
-    def steps(self, n):
+    def steps(self, n, marks=None):
         for _ in range(n):
-            self.step()
+            self.step(marks=marks)
+
+
+class _Marks:
+    """Time stamps around each closure call (forward + backward + clip): perf_counter on CPU, CUDA
+    events on GPU (recorded asynchronously, read after the block's one synchronisation)."""
+
+    def __init__(self, device):
+        self.cuda, self.stamps = device.type == "cuda", []
+
+    def _mark(self):
+        import torch
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def wrap(self, closure):
+        def timed(*args, **kwargs):
+            self.stamps.append(self._mark())
+            out = closure(*args, **kwargs)
+            self.stamps.append(self._mark())
+            return out
+        return timed
+
+    def seconds(self):
+        """(number of closure calls, their total seconds); call after the block is synchronised."""
+        pairs = list(zip(self.stamps[::2], self.stamps[1::2]))
+        total = sum(a.elapsed_time(b) / 1000 if self.cuda else b - a for a, b in pairs)
+        return len(pairs), total
 
 
 def _synthetic_batches(cfg, device, count):
@@ -276,7 +309,7 @@ def bench_train(args, cfg, device):
     order = ([(r, n) for r in range(args.repeats) for n in names] if not cuda
              else [(r, n) for n in names for r in range(args.repeats)])
     last_use = {n: max(i for i, (_, m) in enumerate(order) if m == n) for n in names}
-    runs, samples, rows = {}, {n: [] for n in names}, {}
+    runs, samples, closure_samples, passes, rows = {}, {n: [] for n in names}, {n: [] for n in names}, {}, {}
     for i, (_, name) in enumerate(order):
         if name not in runs:
             if cuda:
@@ -285,9 +318,13 @@ def bench_train(args, cfg, device):
             runs[name] = _Run(cfg, name, device, batches)
             runs[name].steps(args.warmup)
         run = runs[name]
+        marks = _Marks(device)
         with _Timer(device) as t:
-            run.steps(args.steps)
+            run.steps(args.steps, marks)
         samples[name].append(1000 * t.seconds / args.steps)
+        calls, closure_s = marks.seconds()
+        closure_samples[name].append(1000 * closure_s / args.steps)
+        passes[name] = calls / args.steps
         if i == last_use[name]:
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
             rows[name] = dict(optimizer=name, batches_per_step=run.batches_per_step, peak_memory_mib=peak)
@@ -300,6 +337,10 @@ def bench_train(args, cfg, device):
         row = rows[name]
         ms = statistics.median(samples[name])
         images = row["batches_per_step"] * cfg.batch_size
+        # per block: closure calls (forward + backward + clip) and the rest (the optimizer's own work)
+        other = [t - c for t, c in zip(samples[name], closure_samples[name])]
+        row.update(passes_per_step=passes[name], closure_ms_per_step=statistics.median(closure_samples[name]),
+                   other_ms_per_step=statistics.median(other), closure_ms_per_step_samples=closure_samples[name])
         row.update(ms_per_step=ms, ms_per_step_samples=samples[name], steps_per_s=1000 / ms,
                    images_per_step=images, images_per_s=images * 1000 / ms,
                    epoch_s=steps_per_epoch * ms / 1000)
@@ -417,17 +458,19 @@ def tables(report):
              + (", compile" if cfg["compile"] else "") + f" | {report['device']} | torch {report['torch']} | "
              f"{report['date']} | load {report['loadavg_start'][0]:.2f}→{report['loadavg_end'][0]:.2f}", ""]
     if report["train"]:
-        lines += ["| optimizer | batches/step | ms/step | images/s | ratio to SGD | epoch s (compute) "
-                  "| peak MiB | peak ratio | GFLOP/step | TFLOP/s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| optimizer | batches/step | passes/step | ms/step | in passes | rest | images/s | ratio to SGD "
+                  "| epoch s (compute) | peak MiB | peak ratio | GFLOP/step | TFLOP/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["train"]:
-            lines.append(f"| {r['optimizer']} | {r['batches_per_step']} | {r['ms_per_step']:.1f} | "
+            lines.append(f"| {r['optimizer']} | {r['batches_per_step']} | {r['passes_per_step']:g} | "
+                         f"{r['ms_per_step']:.1f} | {r['closure_ms_per_step']:.1f} | {r['other_ms_per_step']:.1f} | "
                          f"{r['images_per_s']:.0f} | {_fmt(r['ratio_to_sgd'], '.3f')} | {r['epoch_s']:.1f} | "
                          f"{_fmt(r['peak_memory_mib'], '.0f')} | {_fmt(r['peak_memory_ratio_to_sgd'], '.3f')} | "
                          f"{r['flop_per_step'] / 1e9:.2f} | {r['achieved_tflops']:.3f} |")
         lines.append(f"(median of {report['settings']['repeats']} blocks of {report['settings']['steps']} steps "
                      f"after {report['settings']['warmup']} warm-up; epoch = {report['steps_per_epoch']} steps; "
-                     "RWP's images/s counts both batches of a step)")
+                     "ms/step = in passes (closure calls: forward, backward, clip) + rest (the optimizer's own "
+                     "work: perturb, restore, base step); RWP's images/s counts both batches of a step)")
         lines.append("")
     rows = []
     if report["pipeline"]:
@@ -462,7 +505,7 @@ def run(argv):
         memory_note=("torch.cuda.max_memory_allocated over one optimizer's build, warm-up and steps" if
                      device.type == "cuda" else "not measured on CPU"),
     )
-    report["train"], report["steps_per_epoch"] = bench_train(args, cfg, device)
+    report["train"], report["steps_per_epoch"] = bench_train(args, cfg, device) if args.optimizers else ([], None)
     report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches else None
     report["eval"] = bench_eval(args, cfg, device) if args.eval_batches else None
     report["sync_check"] = check_sync(args, cfg, device) if args.check_sync else None

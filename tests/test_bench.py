@@ -43,6 +43,10 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys):
         assert len(r["ms_per_step_samples"]) == bench.QUICK["repeats"]
         assert r["peak_memory_mib"] is None  # not measured on CPU
         assert r["images_per_s"] == pytest.approx(r["images_per_step"] * 1000 / r["ms_per_step"])
+    for name, r in rows.items():  # closure calls (forward/backward) + the optimizer's own work = the step
+        assert r["passes_per_step"] == (1 if name == "sgd" else 2)
+        assert 0 < r["closure_ms_per_step"] < r["ms_per_step"]
+        assert r["other_ms_per_step"] == pytest.approx(r["ms_per_step"] - r["closure_ms_per_step"])
     assert rows["sgd"]["ratio_to_sgd"] == 1.0
     assert rows["rwp"]["batches_per_step"] == 2 and rows["rwp"]["images_per_step"] == 16
     assert rows["amp"]["batches_per_step"] == 1
@@ -53,7 +57,7 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys):
     assert _positive(report["eval"]["images_per_s"]) and report["eval"]["batch_size"] == 32
     assert report["sync_check"] == {n: "n/a (no CUDA)" for n in bench.BENCH_OPTIMIZERS}
 
-    assert "| optimizer | batches/step | ms/step | images/s | ratio to SGD |" in printed
+    assert "| optimizer | batches/step | passes/step | ms/step | in passes | rest | images/s | ratio to SGD |" in printed
     for name in bench.BENCH_OPTIMIZERS:
         assert f"| {name} | " in printed
     assert "| pipeline (augmented, train batches) | 8 |" in printed
