@@ -194,6 +194,10 @@ def _validate(cfg: Config):
     if cfg.precision == "fp16":
         raise UsageError("precision: fp16 needs loss scaling, which this runner does not implement "
                          "(two-pass optimizers break GradScaler); use --precision bf16")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.optimizer == "rwp" and world > 1 and world % 2 and not cfg.arwp:
+        raise UsageError(f"torchrun: parallel RWP splits ranks into clean and perturbed halves and needs an "
+                         f"even number of processes, got {world}; use --nproc_per_node {world - 1} or {world + 1}")
     if cfg.name and (os.sep in cfg.name or cfg.name in (".", "..")):
         raise UsageError(f"name: {cfg.name!r} must be a plain folder name")
 
@@ -320,10 +324,14 @@ def git_commit() -> str:
 
 
 def atomic_write(path: str, write):
-    """write(tmp_path) then rename over `path`: readers see the old file or the new one, never half."""
+    """write(file) to a temporary file, fsync, then rename over `path`: readers (and a resume after
+    a crash or SIGKILL at any moment) see the old file or the new one, never a half-written one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -331,12 +339,7 @@ def atomic_write(path: str, write):
 
 
 def write_text(path: str, text: str):
-    def w(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write(path, w)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def make_run_dir(cfg: Config) -> str:
@@ -453,8 +456,8 @@ class Trainer:
             autoaugment=policy, workers=cfg.workers) for i in range(per_step)]
         self.steps_per_epoch = len(self.loaders[0])
         if self.steps_per_epoch == 0:
-            raise UsageError(f"batch_size: {cfg.batch_size} is larger than the training set "
-                             f"({len(xtr)} samples per shard); lower it or raise train_size")
+            raise UsageError(f"train_size: {self.loaders[0].num_samples} training sample(s) per process make "
+                             f"no batch of 2 or more; use more data")
         if hasattr(self.optimizer, "total_steps"):  # step-indexed schedules inside the optimizer
             self.optimizer.total_steps = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -494,7 +497,7 @@ class Trainer:
 
     def save_checkpoint(self, epoch):
         state = self.state(epoch)
-        atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), lambda tmp: self.torch.save(state, tmp))
+        atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), lambda f: self.torch.save(state, f))
 
     # -- one epoch
     def closure_for(self, batches):
@@ -612,6 +615,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
         cfg, ckpt, run_dir = resume_config(cfg, explicit)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    out_existed = os.path.isdir(cfg.out_dir)
     if world > 1:
         run_dir = run_dir if cfg.resume else None
     else:
@@ -627,6 +631,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
     except BaseException:
         if not cfg.resume and run_dir and rank0 and not os.listdir(run_dir):
             os.rmdir(run_dir)  # nothing written: leave nothing behind
+            if not out_existed and not os.listdir(cfg.out_dir):
+                os.rmdir(cfg.out_dir)
         raise
     log = RunLog(run_dir, rank0)
     if not cfg.resume and rank0:

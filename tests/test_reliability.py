@@ -1,0 +1,209 @@
+"""Reliability: SIGKILL at random moments + resume, signals, divergence, untrusted files,
+concurrent runs with one name, determinism."""
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT
+from test_main import TINY, rows, run
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STRIP = ("epoch_time_s",)
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in r.items() if k not in STRIP} for r in rows(run_dir)]
+
+
+def spawn(args):
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "amp", "rwp", "sam"])
+def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path, optimizer):
+    """Kill the run with SIGKILL at random moments (mid-epoch, mid-checkpoint, mid-metrics write),
+    resume each time; the finished run's metrics equal an uninterrupted run's exactly."""
+    args = [*TINY, "--optimizer", optimizer, "--epochs", "4", "--train_size", "384"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses run with one thread: the same arithmetic
+    try:
+        assert run(tmp_path, *args, name="ref")[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = ["--out_dir", str(tmp_path / "runs")]
+    run_dir = tmp_path / "runs" / "killed"
+    rng = random.Random(optimizer)
+    p = spawn([*args, *out, "--name", "killed"])
+    kills = 0
+    while kills < 3:
+        # wait for this process to finish one more epoch (its checkpoint is then on disk), then
+        # kill it after a random delay: mid-epoch, mid-evaluation or mid-checkpoint write
+        done = len(rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline and (
+                not (run_dir / "metrics.jsonl").exists() or len(rows(run_dir)) <= done):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1.5))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        p = spawn(["--resume", str(run_dir)])
+    out_, err = p.communicate()
+    assert p.returncode == 0, err[-1000:]
+    assert kills >= 1
+    assert metrics(run_dir) == metrics(tmp_path / "runs" / "ref")
+    assert not [f for f in os.listdir(run_dir) if ".tmp" in f]  # no temporary file left
+
+
+def test_sigterm_stops_cleanly_and_resumes(tmp_path):
+    args = [*TINY, "--optimizer", "sgd", "--epochs", "50", "--out_dir", str(tmp_path / "runs"), "--name", "t"]
+    p = spawn(args)
+    run_dir = tmp_path / "runs" / "t"
+    while not (run_dir / "checkpoint.pt").exists():
+        assert p.poll() is None, p.communicate()[1]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "Traceback" not in err
+    s = json.load(open(run_dir / "summary.json"))
+    assert s["status"] == "interrupted" and "--resume" in s["message"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == s["epochs_completed"] == len(rows(run_dir))
+
+
+def test_divergence_stops_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = main.Trainer.closure_for
+
+    def nan_from_epoch_2(self, batches):
+        closure = real(self, batches)
+        if not hasattr(self, "_calls"):
+            self._calls = 0
+        self._calls += 1
+
+        def poisoned(batch=0, loss_weight=1.0):
+            # 4 steps per epoch: from the 7th step on (epoch 2, step 3) the loss is inf
+            factor = float("inf") if self._calls >= 7 else 1.0
+            outputs, loss = closure(batch, loss_weight * factor)
+            return outputs, loss * factor
+        return poisoned
+
+    monkeypatch.setattr(main.Trainer, "closure_for", nan_from_epoch_2)
+    code, run_dir = run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "3", name="div")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite at epoch 2, step 3" in err
+    s = json.load(open(run_dir / "summary.json"))
+    assert s["status"] == "diverged" and "epoch 2, step 3" in s["message"] and s["epochs_completed"] == 1
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_diverges_with_exit_1(tmp_path, capsys):
+    code, run_dir = run(tmp_path, *TINY, "--optimizer", "sgd", "--lr", "1e6", "--epochs", "2", name="big")
+    assert code == 1
+    s = json.load(open(run_dir / "summary.json"))
+    assert s["status"] == "diverged" and "non-finite" in s["message"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARKER']}",))
+
+
+def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch):
+    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="victim")[0] == 0
+    run_dir = tmp_path / "runs" / "victim"
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    ckpt["payload"] = _Evil()
+    with open(run_dir / "checkpoint.pt", "wb") as f:
+        pickle.dump(ckpt, f)  # torch.load(weights_only=False) would run os.system
+    assert main.main(["--resume", str(run_dir)]) == 2
+    assert "cannot load" in capsys.readouterr().err and not marker.exists()
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
+    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="c")[0] == 0
+    run_dir = tmp_path / "runs" / "c"
+    data = open(run_dir / "checkpoint.pt", "rb").read()
+    with open(run_dir / "checkpoint.pt", "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated
+    assert main.main(["--resume", str(run_dir)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, run_dir / "checkpoint.pt")  # some other program's checkpoint
+    assert main.main(["--resume", str(run_dir)]) == 2
+    assert "not a checkpoint of this runner" in capsys.readouterr().err
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.pt"
+    main.write_text(str(path), "old")
+
+    def dies_midway(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        main.atomic_write(str(path), dies_midway)
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.pt"]
+
+
+MORE_BAD = [
+    (["--out_dir", "__FILE__/runs"], "out_dir: cannot create"),
+    (["--dataset", "cifar10", "--data_dir", "__TMP__/missing"], "cifar10 not found"),
+    (["--optimizer", "amp", "--amp_ball", "sphere"], "invalid choice: 'sphere'"),
+    (["--cutout_prob", "1.5"], "cutout_prob: 1.5 is out of range"),
+    (["--inner_iter", "-1"], "inner_iter: -1 is out of range"),
+    (["--name", "a/b"], "name: 'a/b' must be a plain folder name"),
+    (["--dropout", "0.1", "--model", "resnet18"], "dropout"),
+    (["--train_size", "1"], "train_size: 1 training sample(s) per process make no batch of 2 or more"),
+]
+
+
+@pytest.mark.parametrize("argv,message", MORE_BAD, ids=[" ".join(a) for a, _ in MORE_BAD])
+def test_more_bad_input(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("__FILE__", str(tmp_path / "file")).replace("__TMP__", str(tmp_path)) for a in argv]
+    out = [] if any(a.startswith("--out_dir") for a in argv) else ["--out_dir", str(tmp_path / "runs")]
+    code = main.main([*TINY, *argv, *out])  # later flags override TINY's
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_odd_world_size_for_parallel_rwp(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main.main([*TINY, "--optimizer", "rwp", "--out_dir", str(tmp_path / "runs")]) == 2
+    assert "needs an even number of processes, got 3" in capsys.readouterr().err
+
+
+def test_two_runs_with_one_name_at_once_keep_separate_records(tmp_path):
+    args = [*TINY, "--optimizer", "sgd", "--epochs", "1", "--out_dir", str(tmp_path / "runs"), "--name", "same"]
+    procs = [spawn(args) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.communicate()[1]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["same", "same-1"]
+    for d in ("same", "same-1"):
+        assert json.load(open(tmp_path / "runs" / d / "summary.json"))["status"] == "completed"
+        assert len(rows(tmp_path / "runs" / d)) == 1
+
+
+def test_same_seed_same_metrics(tmp_path):
+    args = [*TINY, "--optimizer", "amp", "--dropout", "0.1"]
+    assert run(tmp_path, *args, name="a")[0] == 0 and run(tmp_path, *args, name="b")[0] == 0
+    assert metrics(tmp_path / "runs" / "a") == metrics(tmp_path / "runs" / "b")
+    assert run(tmp_path, *args, "--seed", "1", name="c")[0] == 0
+    assert metrics(tmp_path / "runs" / "c") != metrics(tmp_path / "runs" / "a")
