@@ -143,6 +143,32 @@ def _device_name(device):
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+class _OtherCPU:
+    """Average number of CPU cores that other processes kept busy between start() and stop()
+    (Linux /proc/stat minus this process's own CPU time); None where /proc/stat is missing."""
+
+    def start(self):
+        self.t0 = self._sample()
+        return self
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy - own.user - own.system, time.monotonic()
+
+    def stop(self):
+        t1 = self._sample()
+        if self.t0 is None or t1 is None or t1[1] <= self.t0[1]:
+            return None
+        return max(0.0, (t1[0] - self.t0[0]) / (t1[1] - self.t0[1]))
+
+
 class _Timer:
     """Seconds of the enclosed work: wall clock on CPU; CUDA events on GPU (one sync at the end)."""
 
@@ -456,7 +482,10 @@ def tables(report):
     lines = [f"bench.py: {cfg['model']}, {cfg['dataset']}-shaped synthetic data, batch {cfg['batch_size']}, "
              f"{cfg['precision']}" + (", channels_last" if cfg["channels_last"] else "")
              + (", compile" if cfg["compile"] else "") + f" | {report['device']} | torch {report['torch']} | "
-             f"{report['date']} | load {report['loadavg_start'][0]:.2f}→{report['loadavg_end'][0]:.2f}", ""]
+             f"{report['date']}",
+             f"machine load: loadavg {report['loadavg_start'][0]:.2f}→{report['loadavg_end'][0]:.2f}"
+             + "".join(f"; other processes kept {v:.2f} cores busy during {k}"
+                       for k, v in report["other_cpu_cores"].items() if v is not None and report[k]), ""]
     if report["train"]:
         lines += ["| optimizer | batches/step | passes/step | ms/step | in passes | rest | images/s | ratio to SGD "
                   "| epoch s (compute) | peak MiB | peak ratio | GFLOP/step | TFLOP/s |",
@@ -505,9 +534,15 @@ def run(argv):
         memory_note=("torch.cuda.max_memory_allocated over one optimizer's build, warm-up and steps" if
                      device.type == "cuda" else "not measured on CPU"),
     )
+    others = {}
+    probe = _OtherCPU().start()
     report["train"], report["steps_per_epoch"] = bench_train(args, cfg, device) if args.optimizers else ([], None)
+    others["train"], probe = probe.stop(), _OtherCPU().start()
     report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches else None
+    others["pipeline"], probe = probe.stop(), _OtherCPU().start()
     report["eval"] = bench_eval(args, cfg, device) if args.eval_batches else None
+    others["eval"] = probe.stop()
+    report["other_cpu_cores"] = others  # cores kept busy by other processes during each phase
     report["sync_check"] = check_sync(args, cfg, device) if args.check_sync else None
     add_flops(report["train"], cfg, device)
     report["loadavg_end"] = list(os.getloadavg())
