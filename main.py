@@ -443,6 +443,7 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(cfg, self.model, self.world, no_sync)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # clipped in the closure
 
         # one loader per batch a step consumes; under torchrun, ranks split into groups
         per_step = getattr(self.optimizer, "batches_per_step", 1)
@@ -501,8 +502,7 @@ class Trainer:
 
     # -- one epoch
     def closure_for(self, batches):
-        torch, model, cfg = self.torch, self.net, self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch, model, cfg, params = self.torch, self.net, self.cfg, self.params
 
         def closure(batch=0, loss_weight=1.0):
             self.optimizer.zero_grad(set_to_none=True)
