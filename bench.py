@@ -86,6 +86,8 @@ def _parser():
                    help="tiny counts for a smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
     p.add_argument("--check_sync", action="store_true",
                    help='CUDA: one step per optimizer under torch.cuda.set_sync_debug_mode("error")')
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="profile one step of each optimizer (torch.profiler) and print its top ROWS operators")
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
     return p
 
@@ -100,7 +102,7 @@ def parse_args(argv):
     for k in ("steps", "repeats"):
         if getattr(args, k) < 1:
             raise UsageError(f"--{k}: {getattr(args, k)} must be >= 1")
-    for k in ("warmup", "pipeline_batches", "eval_batches"):
+    for k in ("warmup", "pipeline_batches", "eval_batches", "profile"):
         if getattr(args, k) < 0:
             raise UsageError(f"--{k}: {getattr(args, k)} must be >= 0")
     if any(a == "--optimizer" or a.startswith("--optimizer=") for a in rest):
@@ -246,10 +248,11 @@ class _Run:
             self.optimizer.total_steps = self.cfg.epochs * _steps_per_epoch(self.cfg)
         self.batches_per_step = getattr(self.optimizer, "batches_per_step", 1)
         self.batches = batches[:self.batches_per_step]
-        # The runner's closure, Trainer.closure_for, called on the attributes it reads.
+        # The runner's closure, Trainer.closure_for, called on the Trainer attributes it reads.
         self._trainer = types.SimpleNamespace(torch=__import__("torch"), net=self.net, model=self.model,
                                               cfg=self.cfg, optimizer=self.optimizer,
-                                              autocast=_autocast(self.cfg, device))
+                                              autocast=_autocast(self.cfg, device),
+                                              params=[p for p in self.model.parameters() if p.requires_grad])
         self._closure_for = main.Trainer.closure_for
         self.model.train()
 
@@ -292,6 +295,19 @@ class _Marks:
         pairs = list(zip(self.stamps[::2], self.stamps[1::2]))
         total = sum(a.elapsed_time(b) / 1000 if self.cuda else b - a for a, b in pairs)
         return len(pairs), total
+
+
+class _Labels:
+    """Names every closure call "bench.closure" in a torch.profiler trace."""
+
+    @staticmethod
+    def wrap(closure):
+        import torch
+
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function("bench.closure"):
+                return closure(*args, **kwargs)
+        return labelled
 
 
 def _synthetic_batches(cfg, device, count):
@@ -447,6 +463,40 @@ def bench_eval(args, cfg, device):
                 images_per_s=images / t.seconds)
 
 
+def profile_steps(args, cfg, device):
+    """torch.profiler over one step of each optimizer (after 2 warm-up steps): the top operators by
+    self time. Closure calls are labelled "bench.closure"; the optimizer's own step shows as
+    "Optimizer.step#<class>.step" (its base optimizer's as "Optimizer.step#SGD.step")."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    batches = _synthetic_batches(cfg, device, 2)
+    out = {}
+    for name in args.optimizers:
+        run = _Run(cfg, name, device, batches)
+        run.steps(2)
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            run.step(marks=_Labels)
+            if cuda:
+                torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        out[name] = [dict(name=e.key, calls=e.count, self_ms=getattr(e, key) / 1000,
+                          total_ms=(e.device_time_total if cuda else e.cpu_time_total) / 1000)
+                     for e in events[:args.profile]]
+        for label in ("bench.closure", f"Optimizer.step#{type(run.optimizer).__name__}.step",
+                      "Optimizer.step#SGD.step"):
+            e = next((e for e in prof.key_averages() if e.key == label), None)
+            if e is not None and all(r["name"] != label for r in out[name]):
+                out[name].append(dict(name=label, calls=e.count, self_ms=getattr(e, key) / 1000,
+                                      total_ms=(e.device_time_total if cuda else e.cpu_time_total) / 1000))
+        del run
+    return out
+
+
 def check_sync(args, cfg, device):
     """One steady-state step per optimizer under sync debug mode "error" (CUDA only)."""
     import torch
@@ -515,6 +565,10 @@ def tables(report):
     if report["sync_check"] is not None:
         lines += ["| optimizer | no host sync in step (sync debug mode \"error\") |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in report["sync_check"].items()] + [""]
+    for name, rows in (report["profile"] or {}).items():
+        lines += [f"profile of one {name} step (self time; total includes children)", "",
+                  "| operator | calls | self ms | total ms |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['name']} | {r['calls']} | {r['self_ms']:.2f} | {r['total_ms']:.2f} |" for r in rows] + [""]
     return "\n".join(lines)
 
 
@@ -529,7 +583,7 @@ def run(argv):
         cuda=torch.version.cuda, python=platform.python_version(), git_commit=main.git_commit(),
         command=" ".join(["python", "bench.py", *argv]), argv=list(argv),
         settings={k: getattr(args, k) for k in ("optimizers", "steps", "warmup", "repeats", "pipeline_batches",
-                                                 "eval_batches", "quick", "check_sync")},
+                                                 "eval_batches", "quick", "check_sync", "profile")},
         config=dataclasses.asdict(cfg), threads=torch.get_num_threads(), loadavg_start=list(os.getloadavg()),
         memory_note=("torch.cuda.max_memory_allocated over one optimizer's build, warm-up and steps" if
                      device.type == "cuda" else "not measured on CPU"),
@@ -544,6 +598,7 @@ def run(argv):
     others["eval"] = probe.stop()
     report["other_cpu_cores"] = others  # cores kept busy by other processes during each phase
     report["sync_check"] = check_sync(args, cfg, device) if args.check_sync else None
+    report["profile"] = profile_steps(args, cfg, device) if args.profile and args.optimizers else None
     add_flops(report["train"], cfg, device)
     report["loadavg_end"] = list(os.getloadavg())
     print(tables(report), flush=True)

@@ -15,13 +15,23 @@ TINY = ["--quick", "--model", "wrn10_1", "--dataset", "fashionmnist", "--batch_s
         "--train_size", "64", "--eval_batch_size", "32", "--optimizers", *bench.BENCH_OPTIMIZERS]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny ops on a shared 2-core machine are far slower with two."""
+    import torch
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_quick_run_writes_json_and_table(tmp_path, capsys):
+def test_quick_run_writes_json_and_table(tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
-    argv = TINY + ["--check_sync", "--json", str(out)]
+    argv = TINY + ["--check_sync", "--profile", "3", "--json", str(out)]
     assert bench.main_cli(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -56,12 +66,19 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys):
     assert _positive(report["pipeline"]["images_per_s"]) and report["pipeline"]["augment"]["cutout"]
     assert _positive(report["eval"]["images_per_s"]) and report["eval"]["batch_size"] == 32
     assert report["sync_check"] == {n: "n/a (no CUDA)" for n in bench.BENCH_OPTIMIZERS}
+    assert set(report["other_cpu_cores"]) == {"train", "pipeline", "eval"}
+    for name, ops in report["profile"].items():  # top 3 operators + the closure and step labels
+        labels = {op["name"] for op in ops}
+        assert "bench.closure" in labels and "Optimizer.step#SGD.step" in labels, (name, labels)
+        assert all(op["calls"] >= 1 and op["total_ms"] >= op["self_ms"] >= 0 for op in ops)
+    assert [op["calls"] for op in report["profile"]["amp"] if op["name"] == "bench.closure"] == [2]
 
     assert "| optimizer | batches/step | passes/step | ms/step | in passes | rest | images/s | ratio to SGD |" in printed
     for name in bench.BENCH_OPTIMIZERS:
         assert f"| {name} | " in printed
     assert "| pipeline (augmented, train batches) | 8 |" in printed
     assert "| evaluation (forward, eval mode) | 32 |" in printed
+    assert "profile of one amp step" in printed
 
 
 def test_defaults_and_config_file():
