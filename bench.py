@@ -12,18 +12,20 @@ config file decides and flags still override.
 What is measured, on synthetic tensors of the dataset's shape on the device (timings do not
 depend on pixel values):
 
-- train: after `--warmup` steps, `--repeats` blocks of `--steps` optimizer steps each; the block's
-  time / steps is one ms/step sample and the table gives the median. Wall clock on CPU, CUDA events
-  on GPU (one synchronisation per block, none inside it). An RWP step consumes two batches
-  (clean + perturbed, as the runner feeds it), so its images/s counts both: images/s =
-  batches/step × batch_size / (s/step). "ratio" is ms/step over SGD's. "epoch" is the compute time
-  of one epoch of the dataset's training set (its number of optimizer steps × ms/step; data
-  pipeline and evaluation excluded). Peak memory: torch.cuda.max_memory_allocated over the build,
-  warm-up and timed steps of that optimizer alone (on CUDA the optimizers run one after another
-  and each is freed before the next); on CPU it is not measured (n/a). GFLOP/step counts the
-  convolution/matmul FLOPs of one eager step (torch.utils.flop_counter), TFLOP/s = that / time.
-  On CPU the optimizers' blocks are interleaved round by round (all models alive) so that a change
-  of machine load hits every optimizer alike; on CUDA they run one after another (peak memory).
+- train: after `--warmup` steps, `--repeats` blocks of `--steps` optimizer steps each; a block's
+  time / steps is one ms/step sample and the table gives the median. CPU: wall clock, blocks of one
+  step (default), the optimizers interleaved block by block (all models alive) so that a change in
+  the machine's speed hits every optimizer alike. CUDA: CUDA events, blocks of 50 steps (one
+  synchronisation per block, none inside it), the optimizers one after another, each freed before
+  the next. "in passes" is the time inside the closure calls (forward, backward, clip: perf_counter
+  or CUDA events around each call), "rest" the optimizer's own work (perturb, restore, base step).
+  An RWP step consumes two batches (clean + perturbed, as the runner feeds it), so its images/s
+  counts both: images/s = batches/step × batch_size / (s/step). "ratio" is ms/step over SGD's.
+  "epoch" is the compute time of one epoch of the dataset's training set (the runner's optimizer
+  steps per epoch × ms/step; data pipeline and evaluation excluded). Peak memory (CUDA):
+  torch.cuda.max_memory_allocated over one optimizer's build, warm-up and timed steps; on CPU not
+  measured (n/a). GFLOP/step: convolution/matmul FLOPs of one eager step (torch.utils.flop_counter,
+  counted after all timing), TFLOP/s = that / time.
 - pipeline: data_utils.TrainLoader + Augment as the runner builds them from the Config (bench
   default: crop with padding 4 and fill 128, flip, Cutout 'amp' 16) on uint8 data of the dataset's
   shape (`--train_size` samples, 0 = the dataset's training-set size); augmented images/s at
@@ -32,6 +34,11 @@ depend on pixel values):
   the device) at `--eval_batch_size` over `--eval_batches` batches.
 - `--check_sync`: on CUDA, one steady-state step of each optimizer under
   torch.cuda.set_sync_debug_mode("error"): pass, or fail with the first offending call.
+- `--profile ROWS`: torch.profiler over one step of each optimizer, top operators by self time.
+
+The header says how many cores other processes kept busy during each phase (Linux /proc/stat):
+on a shared 2-core machine, figures taken while that is well above 0 are not comparable; with two
+intra-op threads, tiny operators then slow down many times over (OMP_NUM_THREADS=1 is robust).
 
 Prints Markdown tables; `--json` writes device, torch version, date, the command line, the resolved
 Config and every figure. Exit code 2 with one line on stderr for bad arguments.
@@ -57,7 +64,11 @@ BENCH_DEFAULTS = ["--model", "wrn16_2", "--batch_size", "32", "--cutout"]
 # Training-set sizes: an epoch's number of optimizer steps (and the pipeline's data when train_size=0).
 TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000}
 QUICK = dict(steps=2, warmup=1, repeats=1, pipeline_batches=2, eval_batches=1)
-NORMAL = dict(steps=5, warmup=2, repeats=3, pipeline_batches=50, eval_batches=3)
+# Counts per device. CPU: blocks of one step, the optimizers interleaved step by step, so that a
+# drift of the machine's speed (other processes, a shared host) hits all alike; median of the
+# blocks. CUDA: blocks of many steps (one synchronisation per block, the queue stays full).
+DEFAULTS = {"cpu": dict(steps=1, warmup=2, repeats=10, pipeline_batches=50, eval_batches=2),
+            "cuda": dict(steps=50, warmup=10, repeats=3, pipeline_batches=200, eval_batches=5)}
 
 
 class UsageError(Exception):
@@ -75,13 +86,15 @@ def _parser():
     p.add_argument("--optimizers", nargs="*", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
                    metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} "
                    "(default: sgd amp rwp sam; none = time only the pipeline and evaluation)")
-    p.add_argument("--steps", type=int, help=f"timed optimizer steps per block (default {NORMAL['steps']})")
-    p.add_argument("--warmup", type=int, help=f"untimed steps first (default {NORMAL['warmup']})")
-    p.add_argument("--repeats", type=int, help=f"timed blocks; the median is reported (default {NORMAL['repeats']})")
+    def default(k):
+        return f"default {DEFAULTS['cpu'][k]} on CPU, {DEFAULTS['cuda'][k]} on CUDA"
+    p.add_argument("--steps", type=int, help=f"timed optimizer steps per block ({default('steps')})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps first ({default('warmup')})")
+    p.add_argument("--repeats", type=int, help=f"timed blocks; the median is reported ({default('repeats')})")
     p.add_argument("--pipeline_batches", type=int,
-                   help=f"augmented batches timed (default {NORMAL['pipeline_batches']}; 0 = skip the pipeline)")
+                   help=f"augmented batches timed ({default('pipeline_batches')}; 0 = skip the pipeline)")
     p.add_argument("--eval_batches", type=int,
-                   help=f"evaluation batches timed (default {NORMAL['eval_batches']}; 0 = skip evaluation)")
+                   help=f"evaluation batches timed ({default('eval_batches')}; 0 = skip evaluation)")
     p.add_argument("--quick", action="store_true",
                    help="tiny counts for a smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
     p.add_argument("--check_sync", action="store_true",
@@ -96,14 +109,13 @@ def parse_args(argv):
     """(bench options, resolved main.Config). Raises UsageError with a one-line message."""
     import main
     args, rest = _parser().parse_known_args(argv)
-    for k, v in (QUICK if args.quick else NORMAL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    if args.quick:
+        resolve_counts(args, "cpu")
     for k in ("steps", "repeats"):
-        if getattr(args, k) < 1:
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UsageError(f"--{k}: {getattr(args, k)} must be >= 1")
     for k in ("warmup", "pipeline_batches", "eval_batches", "profile"):
-        if getattr(args, k) < 0:
+        if getattr(args, k) is not None and getattr(args, k) < 0:
             raise UsageError(f"--{k}: {getattr(args, k)} must be >= 0")
     if any(a == "--optimizer" or a.startswith("--optimizer=") for a in rest):
         raise UsageError("--optimizer: bench.py takes a list, --optimizers (e.g. --optimizers sgd amp)")
@@ -117,6 +129,13 @@ def parse_args(argv):
     except main.UsageError as e:
         raise UsageError(str(e).replace("python main.py --help", "python bench.py --help")) from None
     return args, cfg
+
+
+def resolve_counts(args, device_type):
+    """Fill the counts not given on the command line: --quick's, else the device's defaults."""
+    for k, v in (QUICK if args.quick else DEFAULTS[device_type]).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -577,6 +596,7 @@ def run(argv):
     import main
     args, cfg = parse_args(argv)
     device = _device(cfg)
+    resolve_counts(args, device.type)
     report = dict(
         bench="bench.py", date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         device=_device_name(device), device_type=device.type, torch=torch.__version__,

@@ -84,7 +84,11 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys, one_thread):
 def test_defaults_and_config_file():
     args, cfg = bench.parse_args([])
     assert (cfg.model, cfg.batch_size, cfg.cutout) == ("wrn16_2", 32, True)
-    assert args.optimizers == ["sgd", "amp", "rwp", "sam"] and args.steps == bench.NORMAL["steps"]
+    bench.resolve_counts(args, "cpu")
+    assert args.optimizers == ["sgd", "amp", "rwp", "sam"] and args.steps == bench.DEFAULTS["cpu"]["steps"]
+    args, _ = bench.parse_args(["--steps", "7"])
+    bench.resolve_counts(args, "cuda")
+    assert (args.steps, args.repeats) == (7, bench.DEFAULTS["cuda"]["repeats"])
     # a config file decides (no bench defaults); flags still override it
     path = os.path.join(ROOT, "configs/amp/tableA_cifar10_preactresnet18_amp.yaml")
     args, cfg = bench.parse_args(["--config", path, "--batch_size", "16", "--quick"])
