@@ -57,7 +57,8 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys, one_thread):
         assert r["passes_per_step"] == (1 if name == "sgd" else 2)
         assert 0 < r["closure_ms_per_step"] < r["ms_per_step"]
         assert r["other_ms_per_step"] == pytest.approx(r["ms_per_step"] - r["closure_ms_per_step"])
-    assert rows["sgd"]["ratio_to_sgd"] == 1.0
+    assert rows["sgd"]["ratio_to_sgd"] == 1.0 and rows["sgd"]["ratio_to_sgd_paired"] == 1.0
+    assert all(_positive(r["ratio_to_sgd_paired"]) for r in rows.values())
     assert rows["rwp"]["batches_per_step"] == 2 and rows["rwp"]["images_per_step"] == 16
     assert rows["amp"]["batches_per_step"] == 1
     # two forward/backward passes per step: twice SGD's FLOPs
@@ -73,7 +74,7 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys, one_thread):
         assert all(op["calls"] >= 1 and op["total_ms"] >= op["self_ms"] >= 0 for op in ops)
     assert [op["calls"] for op in report["profile"]["amp"] if op["name"] == "bench.closure"] == [2]
 
-    assert "| optimizer | batches/step | passes/step | ms/step | in passes | rest | images/s | ratio to SGD |" in printed
+    assert "| optimizer | batches/step | passes/step | ms/step | in passes | rest | images/s | ratio to SGD | paired |" in printed
     for name in bench.BENCH_OPTIMIZERS:
         assert f"| {name} | " in printed
     assert "| pipeline (augmented, train batches) | 8 |" in printed
