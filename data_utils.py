@@ -167,41 +167,56 @@ class Augment:
     def __call__(self, x: torch.Tensor, g: torch.Generator, geometric: bool = True) -> torch.Tensor:
         b, _, h, w = x.shape
         dev = x.device
-        x = x.float()
-        if geometric and self.crop:
-            p = self.padding
-            if self.pad_mode == "reflect":
-                x = F.pad(x, (p, p, p, p), mode="reflect")
-            else:
-                x = F.pad(x, (p, p, p, p), value=float(self.fill))
-            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev)
-            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev)
-            rows = (dy + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * p)
-            x = x.gather(2, rows)
-            cols = (dx + torch.arange(w, device=dev)).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
-            x = x.gather(3, cols)
-        if geometric and self.flip:
-            flip = torch.rand(b, 1, 1, 1, generator=g, device=dev) < 0.5
-            x = torch.where(flip, x.flip(3), x)
+        if geometric and (self.crop or self.flip):
+            x = self._crop_flip(x, g)
         if self.cutout_size > 0 and self.cutout_style == "amp":
-            x = x * self._cutout_keep(b, h, w, g, dev)
+            x = x.masked_fill(self._hole(b, h, w, g, dev), 0)  # black, before normalising
         x = self.normalize(x)
         if self.cutout_size > 0 and self.cutout_style == "rwp":
-            x = x * self._cutout_keep(b, h, w, g, dev)
+            x = x.masked_fill_(self._hole(b, h, w, g, dev), 0.0)  # zero, after normalising
         return x
 
-    def _cutout_keep(self, b, h, w, g, dev) -> torch.Tensor:
-        """(B, 1, H, W) float mask: 0 inside the hole, 1 elsewhere."""
+    def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random crop of the padded image and random flip as one gather on the uint8 pixels.
+
+        Output pixel (i, j) of image k is source pixel (dy_k + i − p, dx_k + j' − p) with
+        j' = w − 1 − j when image k is flipped, else j; off-image coordinates take the constant
+        `fill` (via a padded copy) or are reflected about the border (−q ↦ q, h − 1 + q ↦ h − 1 − q).
+        """
+        b, c, h, w = x.shape
+        dev = x.device
+        rows = torch.arange(h, device=dev).expand(b, h)
+        cols = torch.arange(w, device=dev).expand(b, w)
+        if self.crop:
+            p = self.padding
+            rows = rows + torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev) - p
+            cols = cols + torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev) - p
+        if self.flip:
+            flip = torch.rand(b, 1, 1, 1, generator=g, device=dev) < 0.5
+            cols = torch.where(flip.view(b, 1), cols.flip(1), cols)
+        hs, ws = h, w
+        if self.crop and self.pad_mode == "reflect":
+            rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+            cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
+        elif self.crop:
+            p = self.padding
+            x = F.pad(x, (p, p, p, p), value=self.fill)
+            rows, cols, hs, ws = rows + p, cols + p, h + 2 * p, w + 2 * p
+        idx = (rows.view(b, h, 1) * ws + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
+        return x.reshape(b, c, hs * ws).gather(2, idx).view(b, c, h, w)
+
+    def _hole(self, b, h, w, g, dev) -> torch.Tensor:
+        """(B, 1, H, W) bool: the Cutout square (clipped at the border), one per image."""
         half = self.cutout_size // 2
         side = 2 * half if self.cutout_style == "amp" else self.cutout_size
         y0 = torch.randint(-half, h - half, (b, 1, 1, 1), generator=g, device=dev)
         x0 = torch.randint(-half, w - half, (b, 1, 1, 1), generator=g, device=dev)
         r = torch.arange(h, device=dev).view(1, 1, h, 1)
         c = torch.arange(w, device=dev).view(1, 1, 1, w)
-        hole = (r >= y0) & (r < y0 + side) & (c >= x0) & (c < x0 + side)
+        hole = ((r >= y0) & (r < y0 + side)) & ((c >= x0) & (c < x0 + side))
         if self.cutout_prob < 1:
             hole = hole & (torch.rand(b, 1, 1, 1, generator=g, device=dev) < self.cutout_prob)
-        return (~hole).float()
+        return hole
 
 
 class TrainLoader:

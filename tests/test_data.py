@@ -203,6 +203,59 @@ def test_cutout_probability():
     assert 0.45 < holes < 0.55
 
 
+def _reference_augment(aug, x, g):
+    """Plain per-image loop: the same random draws in the same order, applied by slicing."""
+    b, c, h, w = x.shape
+    p = aug.padding
+    pad = dict(mode="reflect") if aug.pad_mode == "reflect" else dict(value=float(aug.fill))
+    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=g) if aug.crop else torch.full((b, 1), p)
+    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=g) if aug.crop else torch.full((b, 1), p)
+    flip = torch.rand(b, 1, 1, 1, generator=g) < 0.5 if aug.flip else torch.zeros(b, 1, 1, 1, dtype=torch.bool)
+    out = []
+    for k in range(b):
+        img = torch.nn.functional.pad(x[k:k + 1].float(), (p,) * 4, **pad)[0]
+        img = img[:, dy[k]:dy[k] + h, dx[k]:dx[k] + w]
+        out.append(img.flip(2) if flip[k] else img)
+    out = torch.stack(out)
+
+    def cutout(out):
+        half = aug.cutout_size // 2
+        side = 2 * half if aug.cutout_style == "amp" else aug.cutout_size
+        y0 = torch.randint(-half, h - half, (b, 1, 1, 1), generator=g)
+        x0 = torch.randint(-half, w - half, (b, 1, 1, 1), generator=g)
+        keep = torch.rand(b, 1, 1, 1, generator=g) < aug.cutout_prob if aug.cutout_prob < 1 else [True] * b
+        for k in range(b):
+            if keep[k]:
+                y, xx = int(y0[k]), int(x0[k])
+                out[k, :, max(y, 0):max(y + side, 0), max(xx, 0):max(xx + side, 0)] = 0
+        return out
+
+    if aug.cutout_size and aug.cutout_style == "amp":
+        out = cutout(out)
+    out = aug.normalize(out)
+    if aug.cutout_size and aug.cutout_style == "rwp":
+        out = cutout(out)
+    return out
+
+
+@pytest.mark.parametrize("crop,mode,flip,cutout,style,prob", [
+    (True, "constant", True, 16, "amp", 1.0),    # AMP's CIFAR recipe
+    (True, "constant", True, 16, "rwp", 0.5),
+    (True, "reflect", True, 0, "amp", 1.0),      # SAM's CIFAR recipe
+    (True, "reflect", False, 8, "rwp", 1.0),
+    (False, "constant", True, 8, "amp", 0.5),
+    (True, "constant", False, 0, "amp", 1.0),
+])
+def test_augment_equals_a_plain_per_image_loop(crop, mode, flip, cutout, style, prob):
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    aug = Augment(mean, std, crop=crop, padding=4, pad_mode=mode, fill=128, flip=flip,
+                  cutout_size=cutout, cutout_prob=prob, cutout_style=style)
+    x = _images(b=50, seed=3)
+    fast = aug(x, torch.Generator().manual_seed(5))
+    ref = _reference_augment(aug, x, torch.Generator().manual_seed(5))
+    assert torch.equal(fast, ref)
+
+
 def test_normalisation_uses_the_statistics():
     x = _images(b=4)
     info = data_utils.DATASETS["cifar10"]
