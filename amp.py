@@ -52,9 +52,9 @@ every rank); step(closure) is exactly this:
     optimizer.base_step()                        # base update with the last gradient
 
 Precision: fp32 and bf16 autocast (fp32 master weights, fp32 gradients, perturbation math in
-the parameters' dtype) are supported. fp16 with a GradScaler is NOT supported: the ascent
-would see scaled (or inf) gradients and the scaler cannot unscale twice in one step; the
-runner refuses --precision fp16 for this optimizer.
+the parameters' dtype) work as they are. fp16 needs the gradients unscaled after every pass, not
+once per step as torch.amp.GradScaler does (the ascent would see scaled or inf gradients); the
+runner's runner/scaler.py does that in the closure and skips the base step on overflow.
 """
 import numbers
 

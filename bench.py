@@ -4,8 +4,9 @@
 
 Every flag that is not bench.py's own is a field of main.py's Config (`--model`, `--batch_size`,
 `--dataset`, `--precision`, `--channels_last`, `--compile`, `--device`, `--clip_norm`, `--config`,
-...), validated exactly as main.py does; the optimizers are built by `main.build_optimizer` and each
-step calls `optimizer.step(closure)` with the runner's own closure (`main.Trainer.closure_for`).
+...), validated exactly as main.py does; the optimizers are built by the runner's `build_optimizer` and
+each step calls `optimizer.step(closure)` with the runner's own closure (`runner.training.make_closure`;
+with `--precision fp16` its loss scaler too).
 Without `--config`, bench.py starts from small CPU defaults (BENCH_DEFAULTS below); with it, the
 config file decides and flags still override.
 
@@ -55,7 +56,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 BENCH_OPTIMIZERS = ("sgd", "amp", "rwp", "sam", "asam")
 # Config settings bench.py starts from when no --config is given (small enough for a 2-core CPU;
@@ -106,8 +106,9 @@ def _parser():
 
 
 def parse_args(argv):
-    """(bench options, resolved main.Config). Raises UsageError with a one-line message."""
-    import main
+    """(bench options, resolved Config). Raises UsageError with a one-line message."""
+    from runner.config import UsageError as RunnerUsageError
+    from runner.config import parse_config
     args, rest = _parser().parse_known_args(argv)
     if args.quick:
         resolve_counts(args, "cpu")
@@ -125,8 +126,8 @@ def parse_args(argv):
         raise UsageError(f"--json: folder of {args.json!r} does not exist")
     given_config = any(a == "--config" or a.startswith("--config=") for a in rest)
     try:
-        cfg, _ = main.parse_config(([] if given_config else BENCH_DEFAULTS) + rest)
-    except main.UsageError as e:
+        cfg, _ = parse_config(([] if given_config else BENCH_DEFAULTS) + rest)
+    except RunnerUsageError as e:
         raise UsageError(str(e).replace("python main.py --help", "python bench.py --help")) from None
     return args, cfg
 
@@ -141,14 +142,12 @@ def resolve_counts(args, device_type):
 # ----------------------------------------------------------------------------- helpers
 
 def _device(cfg):
-    import torch
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device: cuda requested but no CUDA GPU is visible; use --device cpu")
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(0)
-        torch.backends.cudnn.benchmark = True  # as the runner
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    from runner.config import UsageError as RunnerUsageError
+    from runner.training import resolve_device
+    try:
+        return resolve_device(cfg)  # as the runner: cuda:0 + cudnn.benchmark, or the CPU
+    except RunnerUsageError as e:
+        raise UsageError(str(e)) from None
 
 
 def _device_name(device):
@@ -217,35 +216,20 @@ class _Timer:
         return False
 
 
-def _autocast(cfg, device):
-    import torch
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else None
-
-
 def _build_model(cfg, device):
-    """The model and the net the closure calls, as main.Trainer builds them (one process)."""
+    """(model, net) as the runner builds them in one process (seeded, channels_last, compile)."""
     import torch
     import data_utils
-    import models
-    info = data_utils.DATASETS[cfg.dataset]
+    from runner.training import build_net
     torch.manual_seed(cfg.seed)
-    model = models.build_model(cfg.model, info.num_classes, info.channels, dropout=cfg.dropout).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if cfg.compile else model
+    model, net, _ = build_net(cfg, data_utils.DATASETS[cfg.dataset], device)
     return model, net
 
 
 def _augment(cfg):
-    """data_utils.Augment from the Config, as main.Trainer builds it."""
     import data_utils
-    info = data_utils.DATASETS[cfg.dataset]
-    mean, std = tuple(cfg.mean) or info.mean, tuple(cfg.std) or info.std
-    return data_utils.Augment(
-        mean, std, crop=cfg.augment, padding=cfg.crop_padding, pad_mode=cfg.pad_mode,
-        fill=cfg.pad_fill, flip=cfg.augment and cfg.flip,
-        cutout_size=cfg.cutout_size if cfg.cutout else 0, cutout_prob=cfg.cutout_prob,
-        cutout_style=cfg.cutout_style)
+    from runner.training import build_augment
+    return build_augment(cfg, data_utils.DATASETS[cfg.dataset])
 
 
 def _steps_per_epoch(cfg):
@@ -255,30 +239,31 @@ def _steps_per_epoch(cfg):
 
 
 class _Run:
-    """One optimizer on its own model, stepping on fixed synthetic batches like main.Trainer."""
+    """One optimizer on its own model, stepping on fixed synthetic batches like the runner's Trainer."""
 
     def __init__(self, cfg, name, device, batches):
-        import main
+        from runner.scaler import LossScaler
+        from runner.training import autocast_for, build_optimizer
         self.cfg = dataclasses.replace(cfg, optimizer=name)
         self.name = name
         self.model, self.net = _build_model(self.cfg, device)
-        self.optimizer = main.build_optimizer(self.cfg, self.model, world_size=1)
+        self.optimizer = build_optimizer(self.cfg, self.model, world_size=1)
         if getattr(self.optimizer, "total_steps", 0) is None:  # γ schedules, as the runner sets it
             self.optimizer.total_steps = self.cfg.epochs * _steps_per_epoch(self.cfg)
         self.batches_per_step = getattr(self.optimizer, "batches_per_step", 1)
         self.batches = batches[:self.batches_per_step]
-        # The runner's closure, Trainer.closure_for, called on the Trainer attributes it reads.
-        self._trainer = types.SimpleNamespace(torch=__import__("torch"), net=self.net, model=self.model,
-                                              cfg=self.cfg, optimizer=self.optimizer,
-                                              autocast=_autocast(self.cfg, device),
-                                              params=[p for p in self.model.parameters() if p.requires_grad])
-        self._closure_for = main.Trainer.closure_for
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.autocast = autocast_for(self.cfg, device)
+        self.scaler = LossScaler(self.optimizer, self.params) if self.cfg.precision == "fp16" else None
         self.model.train()
 
     def step(self, eager=False, marks=None):
-        """One optimizer step as the runner makes it. `marks` (a _Marks) brackets every closure call."""
-        trainer = self._trainer if not eager else types.SimpleNamespace(**{**vars(self._trainer), "net": self.model})
-        closure = self._closure_for(trainer, self.batches)
+        """One optimizer step as the runner makes it (runner.training.make_closure, the runner's
+        closure). `eager` calls the module instead of the compiled net; `marks` (a _Marks)
+        brackets every closure call."""
+        from runner.training import make_closure
+        closure = make_closure(self.optimizer, self.model if eager else self.net, self.params, self.batches,
+                               autocast=self.autocast, clip_norm=self.cfg.clip_norm, scaler=self.scaler)
         return self.optimizer.step(closure if marks is None else marks.wrap(closure))
 
     def steps(self, n, marks=None):
@@ -457,7 +442,8 @@ def bench_eval(args, cfg, device):
     info = data_utils.DATASETS[cfg.dataset]
     model, net = _build_model(cfg, device)
     model.eval()
-    autocast = _autocast(cfg, device)
+    from runner.training import autocast_for
+    autocast = autocast_for(cfg, device)
     bs = cfg.eval_batch_size
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x_all = torch.randint(0, 256, (bs, info.channels, info.size, info.size), generator=g, dtype=torch.uint8).to(device)
@@ -465,7 +451,7 @@ def bench_eval(args, cfg, device):
     aug = _augment(cfg)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
 
-    def one_batch():  # main.Trainer.evaluate's body for one batch
+    def one_batch():  # Trainer.evaluate's body for one batch
         for x, y in data_utils.test_batches(x_all, y_all, bs, aug, device=device):
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -598,14 +584,14 @@ def tables(report):
 
 def run(argv):
     import torch
-    import main
+    from runner.records import git_commit
     args, cfg = parse_args(argv)
     device = _device(cfg)
     resolve_counts(args, device.type)
     report = dict(
         bench="bench.py", date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         device=_device_name(device), device_type=device.type, torch=torch.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(), git_commit=main.git_commit(),
+        cuda=torch.version.cuda, python=platform.python_version(), git_commit=git_commit(),
         command=" ".join(["python", "bench.py", *argv]), argv=list(argv),
         settings={k: getattr(args, k) for k in ("optimizers", "steps", "warmup", "repeats", "pipeline_batches",
                                                  "eval_batches", "quick", "check_sync", "profile")},

@@ -99,7 +99,7 @@ def test_defaults_and_config_file():
 
 @pytest.mark.parametrize("argv", [
     ["--optimizers", "adam"], ["--steps", "0"], ["--model", "nope"], ["--bogus", "1"],
-    ["--optimizer", "sgd"], ["--precision", "fp16"], ["--optimizers", "sgd", "sgd"],
+    ["--optimizer", "sgd"], ["--precision", "fp8"], ["--optimizers", "sgd", "sgd"],
     ["--json", "/nonexistent/dir/x.json"], ["--batch_size", "-1"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import main
+from runner.training import lr_factor
 from conftest import FASHION_DIR, ROOT
 
 # A tiny, fast run on real Fashion-MNIST (falls back to synthetic data only when the Debian
@@ -73,7 +74,6 @@ BAD = [
     (["--rho", "-0.1"], "rho: -0.1 is out of range"),
     (["--gamma", "-0.01"], "gamma: -0.01 is out of range"),
     (["--milestones", "150", "100"], "milestones: [150, 100] must be"),
-    (["--precision", "fp16"], "precision: fp16 needs loss scaling"),
     (["--dataset", "fashionmnist", "--mean", "0.1", "0.2"], "mean: fashionmnist has 1 channel(s), got 2 values"),
     (["--config", "/nonexistent.yaml"], "config: file '/nonexistent.yaml' does not exist"),
     (["--resume", "/nonexistent_run"], "resume: '/nonexistent_run' is not a run folder"),
@@ -116,12 +116,12 @@ def test_cli_errors_have_no_traceback(tmp_path):
 
 def test_lr_schedules():
     cfg, _ = main.parse_config(["--epochs", "10", "--milestones", "4", "8"])
-    f = [main.lr_factor(cfg, s, 5) for s in range(0, 50, 5)]
+    f = [lr_factor(cfg, s, 5) for s in range(0, 50, 5)]
     assert f == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
     cfg, _ = main.parse_config(["--epochs", "10", "--schedule", "cosine", "--lr_updates_per_epoch", "2"])
-    assert main.lr_factor(cfg, 0, 4) == 1.0 and main.lr_factor(cfg, 1, 4) == 1.0
-    assert main.lr_factor(cfg, 2, 4) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.05)))
-    assert main.lr_factor(cfg, 20, 4) == pytest.approx(0.5)
+    assert lr_factor(cfg, 0, 4) == 1.0 and lr_factor(cfg, 1, 4) == 1.0
+    assert lr_factor(cfg, 2, 4) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.05)))
+    assert lr_factor(cfg, 20, 4) == pytest.approx(0.5)
 
 
 # ----------------------------------------------------------------------------- runs

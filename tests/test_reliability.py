@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import main
+from runner.records import atomic_write, write_text
 from conftest import ROOT
 from test_main import TINY, rows, run
 
@@ -150,14 +151,14 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
 
 def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "f.pt"
-    main.write_text(str(path), "old")
+    write_text(str(path), "old")
 
     def dies_midway(f):
         f.write(b"partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        main.atomic_write(str(path), dies_midway)
+        atomic_write(str(path), dies_midway)
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.pt"]
 
 

@@ -1,0 +1,253 @@
+"""Config: the one dataclass of settings; defaults in code → YAML file → command-line flags.
+
+Unknown keys or flags, wrong types and out-of-range values raise UsageError with one line that
+names the problem and what is allowed (main.py prints it and exits with code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "cifar10"          # cifar10 | cifar100 | svhn | fashionmnist | synthetic
+    data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files)
+    download: bool = False            # let torchvision download the dataset
+    train_size: int = 0               # use only the first N training samples (0 = all)
+    test_size: int = 0                # use only the first N test samples (0 = all)
+    augment: bool = True              # random crop with padding + horizontal flip
+    crop_padding: int = 4             # pixels of padding before the random crop
+    pad_mode: str = "constant"        # constant | reflect
+    pad_fill: int = 128               # 0..255 fill value of constant padding (128 = grey, AMP code)
+    flip: bool = True                 # horizontal flip (when augment)
+    cutout: bool = False              # one Cutout hole per image
+    cutout_size: int = 16             # side of the hole, pixels
+    cutout_prob: float = 1.0          # probability of a hole per image
+    cutout_style: str = "amp"         # amp: black before normalising | rwp: zero after normalising
+    autoaugment: bool = False         # torchvision's AutoAugment policy for the dataset
+    mean: list = field(default_factory=list)  # per-channel mean in [0,1] (empty = dataset's)
+    std: list = field(default_factory=list)   # per-channel std in [0,1] (empty = dataset's)
+    # model
+    model: str = "preactresnet18"     # name in the models registry (python -m models)
+    dropout: float = 0.0              # dropout probability where the model has dropout
+    # optimisation
+    optimizer: str = "amp"            # sgd | amp | rwp | sam | asam
+    epochs: int = 200                 # training epochs
+    batch_size: int = 50              # mini-batch size (per branch for RWP, per process under torchrun)
+    lr: float = 0.1                   # base learning rate
+    momentum: float = 0.9             # SGD momentum
+    nesterov: bool = True             # Nesterov momentum
+    weight_decay: float = 1e-4        # L2 penalty, applied in the base step only
+    schedule: str = "step"            # step (×lr_decay at milestones) | cosine
+    milestones: list = field(default_factory=lambda: [100, 150])  # epochs of the step schedule
+    lr_decay: float = 0.1             # factor of the step schedule
+    lr_updates_per_epoch: int = 1     # how often within an epoch the LR changes (1 = at epoch ends)
+    clip_norm: float = 50.0           # clip the gradient to this global norm in every pass (0 = off)
+    # AMP
+    epsilon: float = 0.5              # radius of the perturbation ball
+    inner_lr: float = 1.0             # ascent step size ζ
+    inner_iter: int = 1               # ascent steps N
+    amp_ball: str = "tensor"          # tensor (one ball per parameter tensor, official) | global
+    # RWP
+    gamma: float = 0.01               # noise scale relative to the filter norm
+    alpha: float = 0.5                # weight of the perturbed gradient
+    arwp: bool = False                # ARWP noise shaping by a per-filter gradient-square accumulator
+    arwp_eta: float = 0.1             # η of ARWP
+    arwp_beta: float = 0.99           # β of ARWP's accumulator
+    gamma_final: typing.Optional[float] = None  # cosine schedule of γ to this value (None = constant)
+    # SAM / ASAM
+    rho: float = 0.05                 # perturbation radius
+    adaptive_eta: float = 0.01        # η of ASAM's T = |w| + η
+    bn_update: str = "auto"           # BN running stats: auto (the paper's) | all passes | clean pass
+    # runtime
+    seed: int = 0                     # seeds init, shuffling, augmentation, noise
+    device: str = "auto"              # auto | cpu | cuda
+    precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast + per-pass loss scaling)
+    channels_last: bool = False       # NHWC memory layout (faster convolutions on GPU)
+    compile: bool = False             # torch.compile the model
+    workers: int = 4                  # CPU workers for AutoAugment
+    eval_every: int = 1               # evaluate every k epochs (and after the last)
+    eval_batch_size: int = 1000       # test batch size
+    out_dir: str = "runs"             # parent folder of run folders
+    name: str = ""                    # run folder name ('' = dataset_model_optimizer_sSEED)
+    resume: str = ""                  # run folder to continue
+    # the paper's number this config reproduces (for the log and report.py)
+    paper_ref: str = ""               # "source, table, row"
+    paper_error: typing.Optional[float] = None   # % test error
+    paper_spread: typing.Optional[float] = None  # ± of the paper's number
+
+
+CHOICES = {
+    "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic"),
+    "pad_mode": ("constant", "reflect"),
+    "cutout_style": ("amp", "rwp"),
+    "optimizer": ("sgd", "amp", "rwp", "sam", "asam"),
+    "schedule": ("step", "cosine"),
+    "amp_ball": ("tensor", "global"),
+    "bn_update": ("auto", "all", "clean"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16", "fp16"),
+}
+# (field, low, high, low inclusive): numeric ranges; None = unbounded.
+RANGES = [
+    ("epochs", 1, None, True), ("batch_size", 1, None, True), ("lr", 0, None, False),
+    ("momentum", 0, 1, True), ("weight_decay", 0, None, True), ("lr_decay", 0, None, False),
+    ("lr_updates_per_epoch", 1, None, True), ("clip_norm", 0, None, True),
+    ("train_size", 0, None, True), ("test_size", 0, None, True), ("crop_padding", 0, None, True),
+    ("pad_fill", 0, 255, True), ("cutout_size", 1, None, True), ("cutout_prob", 0, 1, True),
+    ("dropout", 0, 1, True), ("epsilon", 0, None, True), ("inner_lr", 0, None, True),
+    ("inner_iter", 0, None, True), ("gamma", 0, None, True), ("alpha", 0, 1, True),
+    ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
+    ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("workers", 0, None, True),
+    ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("seed", 0, None, True),
+]
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Fields that may differ when resuming a run: they do not change its results.
+RESUME_MAY_CHANGE = {"device", "workers", "resume", "eval_batch_size", "compile", "channels_last"}
+
+
+DESCRIPTION = "Train a model with SGD, AMP, RWP, SAM or ASAM and log its test error next to the paper's."
+
+
+class UsageError(Exception):
+    """Invalid input; the message is one line naming the problem and the valid choices."""
+
+
+
+
+def _kind(name):
+    """'bool' | 'int' | 'float' | 'str' | 'list' | 'optfloat' for a Config field."""
+    t = str(FIELDS[name].type)
+    return {"bool": "bool", "int": "int", "float": "float", "str": "str", "list": "list"}.get(
+        t, "optfloat" if "float" in t else t)
+
+
+def _coerce(name, value):
+    """Type-check a YAML value for field `name`; ints are accepted where floats are."""
+    kind = _kind(name)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "optfloat": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+    }[kind]
+    if not ok:
+        want = {"optfloat": "a number or null", "list": "a list of numbers"}.get(kind, f"a {kind}")
+        raise UsageError(f"{name}: expected {want}, got {value!r}")
+    if kind in ("float",) or (kind == "optfloat" and value is not None):
+        return float(value)
+    return value
+
+
+def _validate(cfg: Config):
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"{name}: invalid choice {getattr(cfg, name)!r} (choose from {', '.join(allowed)})")
+    for name, low, high, low_inclusive in RANGES:
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        bad = (low is not None and (v < low if low_inclusive else v <= low)) or (high is not None and v > high)
+        if bad or (isinstance(v, float) and not math.isfinite(v)):
+            lo = f"{'≥' if low_inclusive else '>'} {low}"
+            raise UsageError(f"{name}: {v} is out of range (must be {lo}" + (f" and ≤ {high})" if high is not None else ")"))
+    if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
+        raise UsageError(f"milestones: {cfg.milestones} must be non-negative epochs in increasing order")
+    from data_utils import DATASETS
+    channels = DATASETS[cfg.dataset].channels
+    for name in ("mean", "std"):
+        v = getattr(cfg, name)
+        if v and len(v) != channels:
+            raise UsageError(f"{name}: {cfg.dataset} has {channels} channel(s), got {len(v)} values")
+    if cfg.std and min(cfg.std) <= 0:
+        raise UsageError(f"std: values must be > 0, got {cfg.std}")
+    import models
+    import torch
+    try:  # on the meta device: checks name and arguments without allocating anything
+        with torch.device("meta"):
+            models.build_model(cfg.model, DATASETS[cfg.dataset].num_classes, channels, dropout=cfg.dropout)
+    except ValueError as e:
+        raise UsageError(f"model: {e}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.optimizer == "rwp" and world > 1 and world % 2 and not cfg.arwp:
+        raise UsageError(f"torchrun: parallel RWP splits ranks into clean and perturbed halves and needs an "
+                         f"even number of processes, got {world}; use --nproc_per_node {world - 1} or {world + 1}")
+    if cfg.name and (os.sep in cfg.name or cfg.name in (".", "..")):
+        raise UsageError(f"name: {cfg.name!r} must be a plain folder name")
+
+
+def _load_yaml(path):
+    import yaml
+    if not os.path.isfile(path):
+        raise UsageError(f"config: file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"config: {path} is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config: {path} must be a mapping of Config fields, got {type(data).__name__}")
+    for key in data:
+        if key not in FIELDS or key in ("resume",):
+            hint = difflib.get_close_matches(str(key), FIELDS, n=1)
+            raise UsageError(f"config: unknown key {key!r} in {path}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else "") + "; see README 'Configuration'")
+    return data
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            flag = message.split(":", 1)[1].split()[0]
+            hint = difflib.get_close_matches(flag.split("=")[0], [f"--{n}" for n in FIELDS], n=1)
+            message += f" (did you mean {hint[0]}?)" if hint else "; see python main.py --help"
+        raise UsageError(message)
+
+
+def _parser():
+    p = _Parser(prog="main.py", description=DESCRIPTION, allow_abbrev=False,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of Config fields (overrides the defaults)")
+    for name, f in FIELDS.items():
+        kind = _kind(name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"(default: {default})")
+        if kind == "bool":
+            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
+        elif kind == "list":
+            p.add_argument(f"--{name}", type=float if name in ("mean", "std") else int, nargs="*", **kw)
+        elif kind == "optfloat":
+            p.add_argument(f"--{name}", type=float, metavar="FLOAT", **kw)
+        else:
+            p.add_argument(f"--{name}", type={"int": int, "float": float, "str": str}[kind],
+                           choices=CHOICES.get(name), **kw)
+    return p
+
+
+def parse_config(argv):
+    """defaults → --config YAML → flags. Returns (Config, names set explicitly by YAML or flags)."""
+    args = vars(_parser().parse_args(argv))
+    values = {}
+    if args.get("config"):
+        values.update({k: _coerce(k, v) for k, v in _load_yaml(args.pop("config")).items()})
+    args.pop("config", None)
+    values.update(args)
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg, set(values)

@@ -1,0 +1,128 @@
+"""Run records: the run folder, atomic writes, checkpoints on disk, log lines, summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from runner.config import FIELDS, RESUME_MAY_CHANGE, Config, UsageError
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=os.path.dirname(os.path.abspath(__file__)),
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + (" (modified)" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_write(path: str, write):
+    """write(file) to a temporary file, fsync, then rename over `path`: readers (and a resume after
+    a crash or SIGKILL at any moment) see the old file or the new one, never a half-written one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def make_run_dir(cfg: Config) -> str:
+    """Create a new run folder; never reuse one (name, name-1, name-2, ... — atomic mkdir)."""
+    base = cfg.name or f"{cfg.dataset}_{cfg.model}_{cfg.optimizer}_s{cfg.seed}"
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"out_dir: cannot create {cfg.out_dir!r} ({e.strerror})") from None
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise UsageError(f"out_dir: {cfg.out_dir!r} is not writable; choose another with --out_dir")
+    for i in range(1000):
+        path = os.path.join(cfg.out_dir, base if i == 0 else f"{base}-{i}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"out_dir: cannot create {path!r} ({e.strerror})") from None
+    raise UsageError(f"name: too many runs named {base!r} in {cfg.out_dir!r}")
+
+
+def load_checkpoint(path: str):
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a plain-data checkpoint
+        raise UsageError(f"resume: cannot load {path} ({type(e).__name__}); it is corrupt or not ours") from None
+
+
+def resume_config(cfg: Config, explicit: set):
+    """The saved Config of run folder cfg.resume; explicit settings must agree with it."""
+    run_dir = cfg.resume
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"resume: {run_dir!r} is not a run folder")
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"resume: {run_dir!r} has no checkpoint.pt (nothing to resume; start a new run)")
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "epoch" not in ckpt:
+        raise UsageError(f"resume: {ckpt_path} is not a checkpoint of this runner")
+    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in FIELDS})
+    for name in sorted(explicit - RESUME_MAY_CHANGE):
+        if getattr(saved, name) != getattr(cfg, name):
+            raise UsageError(f"resume: {run_dir} was run with {name}={getattr(saved, name)!r}, not "
+                             f"{getattr(cfg, name)!r}; drop that setting or start a new run")
+    for name in RESUME_MAY_CHANGE & explicit:
+        setattr(saved, name, getattr(cfg, name))
+    saved.resume = run_dir
+    return saved, ckpt, run_dir
+
+
+def write_summary(run_dir, cfg, history, status, message, train_time, images, wall):
+    tested = [r for r in history if r["test_error"] is not None]
+    best = min(tested, key=lambda r: r["test_error"]) if tested else None
+    summary = {
+        "status": status, "message": message,
+        "final_test_error": tested[-1]["test_error"] if tested else None,
+        "best_test_error": best["test_error"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "epochs_completed": len(history), "epochs": cfg.epochs,
+        "wall_time_s": round(wall, 3), "train_time_s": round(train_time, 3),
+        "images_per_s": round(images / train_time, 1) if train_time > 0 else None,
+        "paper_ref": cfg.paper_ref, "paper_error": cfg.paper_error, "paper_spread": cfg.paper_spread,
+    }
+    write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+
+
+class RunLog:
+    """Human lines to stdout and log.txt, one JSON row per epoch to metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, run_dir, active):
+        self.run_dir, self.active = run_dir, active
+
+    def line(self, text, err=False):
+        if not self.active:
+            return
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+            f.write(text + "\n")
+
+    def metrics(self, row):
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

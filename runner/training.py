@@ -1,0 +1,312 @@
+"""Training: the optimizer from the Config, the LR schedule, the closure, and the one loop."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+
+from runner.config import Config, UsageError
+from runner.records import atomic_write
+
+
+class Diverged(Exception):
+    """The training loss became NaN or inf."""
+
+
+def build_optimizer(cfg: Config, model, world_size: int, no_sync=None):
+    """The optimizer named by cfg; perturbation optimizers wrap SGD with cfg's base settings.
+    `model` is the unwrapped module (BN buffers); `no_sync` the DDP wrapper's no_sync, if any."""
+    base = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bn = {} if cfg.bn_update == "auto" else {"bn_update": cfg.bn_update}
+    try:
+        return _make_optimizer(cfg, model, world_size, params, base, bn, no_sync)
+    except ValueError as e:  # the optimizers' argument checks
+        raise UsageError(str(e).splitlines()[0]) from None
+
+
+def _make_optimizer(cfg, model, world_size, params, base, bn, no_sync):
+    import torch
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, **base)
+    if cfg.optimizer == "amp":
+        from amp import AMP
+        return AMP(params, epsilon=cfg.epsilon, inner_lr=cfg.inner_lr, inner_iter=cfg.inner_iter,
+                   base_optimizer=torch.optim.SGD, ball=cfg.amp_ball, model=model, **bn, **base)
+    if cfg.optimizer == "rwp":
+        from rwp import RWP
+        return RWP(params, gamma=cfg.gamma, alpha=cfg.alpha, base_optimizer=torch.optim.SGD,
+                   model=model, seed=cfg.seed, two_batches=True, parallel=world_size > 1 and not cfg.arwp,
+                   arwp=cfg.arwp, arwp_eta=cfg.arwp_eta, arwp_beta=cfg.arwp_beta,
+                   gamma_final=cfg.gamma_final, **bn, **base)
+    from sam import SAM
+    return SAM(params, rho=cfg.rho, base_optimizer=torch.optim.SGD, adaptive=cfg.optimizer == "asam",
+               eta=cfg.adaptive_eta, model=model, no_sync=no_sync, **bn, **base)
+
+
+def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """LR multiplier after `step` optimizer steps; changes lr_updates_per_epoch times an epoch."""
+    k = cfg.lr_updates_per_epoch
+    epoch = math.floor(step * k / steps_per_epoch) / k  # fractional epoch, quantised
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
+    return cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+def resolve_device(cfg: Config, local_rank: int = 0):
+    """torch.device for cfg.device ('auto': CUDA when visible); on CUDA also cudnn.benchmark."""
+    import torch
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device: cuda requested but no CUDA GPU is visible; use --device cpu")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def build_augment(cfg: Config, info):
+    """data_utils.Augment for cfg on dataset `info` (DATASETS entry)."""
+    import data_utils
+    mean, std = tuple(cfg.mean) or info.mean, tuple(cfg.std) or info.std
+    return data_utils.Augment(
+        mean, std, crop=cfg.augment, padding=cfg.crop_padding, pad_mode=cfg.pad_mode,
+        fill=cfg.pad_fill, flip=cfg.augment and cfg.flip,
+        cutout_size=cfg.cutout_size if cfg.cutout else 0, cutout_prob=cfg.cutout_prob,
+        cutout_style=cfg.cutout_style)
+
+
+def build_net(cfg: Config, info, device, world_size: int = 1):
+    """(model, net, no_sync): the module, and what the closure calls — the module under DDP when
+    world_size > 1, then torch.compile when cfg.compile. Weights stay the module's parameters, so
+    the optimizers perturb and restore the tensors the compiled graph reads."""
+    import torch
+    import models
+    model = models.build_model(cfg.model, info.num_classes, info.channels, dropout=cfg.dropout).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    no_sync = getattr(net, "no_sync", None)  # SAM's first pass skips the all-reduce
+    if cfg.compile:
+        net = torch.compile(net)
+    return model, net, no_sync
+
+
+def autocast_for(cfg: Config, device):
+    """The autocast context of cfg.precision (bf16 or fp16), or None for fp32."""
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+
+
+def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.0, scaler=None):
+    """The closure every optimizer steps with: closure(batch=0, loss_weight=1.0) zeroes the grads,
+    computes L = CE(net(x_b), y_b) (under `autocast`), back-propagates w·L (as S·w·L, unscaled
+    after, when an fp16 `scaler` is given), clips ‖g‖₂ ≤ clip_norm over `params`, and returns
+    (outputs, L.detach())."""
+    import contextlib
+    import torch
+
+    def closure(batch=0, loss_weight=1.0):
+        optimizer.zero_grad(set_to_none=True)
+        x, y = batches[batch]
+        with autocast if autocast is not None else contextlib.nullcontext():
+            outputs = net(x)
+            loss = torch.nn.functional.cross_entropy(outputs, y)
+        weighted = loss * loss_weight if loss_weight != 1.0 else loss
+        if scaler is None:
+            weighted.backward()
+        else:
+            scaler.backward(weighted)
+        if clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+        return outputs, loss.detach()
+    return closure
+
+
+class Trainer:
+    """Data, model, optimizer and the one training loop for every optimizer."""
+
+    def __init__(self, cfg: Config, run_dir: str, ckpt=None):
+        import torch
+        import torch.distributed as dist
+        import data_utils
+        self.cfg, self.run_dir, self.torch = cfg, run_dir, torch
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(cfg, self.local_rank)
+        cuda = self.device.type == "cuda"
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        torch.manual_seed(cfg.seed)
+
+        # data
+        info = data_utils.DATASETS[cfg.dataset]
+        self.info = info
+        xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
+        xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
+        self.aug = build_augment(cfg, info)
+        self.test_x, self.test_y = xte.to(self.device), yte.to(self.device)
+
+        # model
+        self.model, self.net, no_sync = build_net(cfg, info, self.device, self.world)
+        self.optimizer = build_optimizer(cfg, self.model, self.world, no_sync)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # clipped in the closure
+
+        # one loader per batch a step consumes; under torchrun, ranks split into groups
+        per_step = getattr(self.optimizer, "batches_per_step", 1)
+        group, groups = getattr(self.optimizer, "rank_group", (0, 1))
+        if self.world % groups:
+            raise UsageError(f"torchrun: {cfg.optimizer} needs a world size divisible by {groups}, got {self.world}")
+        policy = data_utils.autoaugment_policy(cfg.dataset, cfg.pad_fill, info.channels) if cfg.autoaugment else None
+        self.loaders = [data_utils.TrainLoader(
+            xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,
+            stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
+            autoaugment=policy, workers=cfg.workers) for i in range(per_step)]
+        self.steps_per_epoch = len(self.loaders[0])
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"train_size: {self.loaders[0].num_samples} training sample(s) per process make "
+                             f"no batch of 2 or more; use more data")
+        if hasattr(self.optimizer, "total_steps"):  # step-indexed schedules inside the optimizer
+            self.optimizer.total_steps = cfg.epochs * self.steps_per_epoch
+        self.scaler = None
+        if cfg.precision == "fp16":
+            from runner.scaler import LossScaler
+            self.scaler = LossScaler(self.optimizer, self.params, distributed=self.world > 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
+        self.autocast = autocast_for(cfg, self.device)
+        self.start_epoch, self.history = 0, []
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    # -- checkpoints
+    def _rng_state(self):
+        torch = self.torch
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state(self, epoch):
+        return {"format": "flat-minima-runner/1", "epoch": epoch, "config": dataclasses.asdict(self.cfg),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(),
+                "history": self.history, **({"scaler": self.scaler.state_dict()} if self.scaler else {})}
+
+    def _restore(self, ckpt):
+        torch = self.torch
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UsageError(f"resume: checkpoint does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.start_epoch, self.history = ckpt["epoch"], list(ckpt["history"])
+
+    def save_checkpoint(self, epoch):
+        state = self.state(epoch)
+        atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), lambda f: self.torch.save(state, f))
+
+    # -- one epoch
+    def closure_for(self, batches):
+        return make_closure(self.optimizer, self.net, self.params, batches, autocast=self.autocast,
+                            clip_norm=self.cfg.clip_norm, scaler=self.scaler)
+
+    def train_epoch(self, epoch, progress):
+        torch = self.torch
+        self.model.train()
+        for loader in self.loaders:
+            loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        wrong = torch.zeros((), device=self.device, dtype=torch.int64)
+        bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)  # first non-finite step
+        seen, images = 0, 0
+        for step, batches in enumerate(zip(*self.loaders)):
+            batches = [(x.contiguous(memory_format=torch.channels_last), y) if self.cfg.channels_last else (x, y)
+                       for x, y in batches]
+            outputs, loss = self.optimizer.step(self.closure_for(batches))
+            self.scheduler.step()
+            y = batches[0][1]
+            loss_sum += loss.double() * len(y)
+            wrong += (outputs.argmax(1) != y).sum()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            seen += len(y)
+            images += sum(len(b[1]) for b in batches)
+            progress.update(1)
+            if (step + 1) % 50 == 0:  # one host sync per log interval
+                if bad_step.item() >= 0:
+                    raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
+            if STOP.requested:
+                return None
+        if bad_step.item() >= 0:
+            raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
+        # Train metrics come from clean passes (at θ); ranks whose step returns the perturbed pass
+        # (parallel RWP's odd ranks) count only if no rank has a clean pass (ARWP: α = 1).
+        clean = float(getattr(self.optimizer, "returns_clean", True))
+        mine = torch.stack([loss_sum, wrong.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
+        totals = torch.cat([mine * clean, mine])
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(totals)
+        totals = totals.tolist()
+        loss_total, wrong_total, n = totals[:3] if totals[2] > 0 else totals[3:]
+        return loss_total / n, 100.0 * wrong_total / n, images * self.world
+
+    def evaluate(self):
+        torch = self.torch
+        import data_utils
+        if self.world > 1:  # every rank evaluates rank 0's BN statistics
+            import torch.distributed as dist
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
+        self.model.eval()
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        with torch.no_grad():
+            for x, y in data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
+                                                device=self.device, shard=self.rank, num_shards=self.world):
+                if self.cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if self.autocast is not None:
+                    with self.autocast:
+                        out = self.net(x)
+                else:
+                    out = self.net(x)
+                totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+                totals[1] += (out.argmax(1) != y).sum()
+                totals[2] += len(y)
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(totals)
+        loss, wrong, n = totals.tolist()
+        return loss / n, 100.0 * wrong / n
+
+
+class _Stop:
+    """SIGINT/SIGTERM set `requested`; the loop stops at the next step and keeps the last checkpoint."""
+    requested = 0
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signum
+
+
+STOP = _Stop()
