@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -68,15 +69,22 @@ def train(cfg: Config, explicit: set, argv) -> int:
     t_start = time.time()
     train_time = sum(r["epoch_time_s"] for r in trainer.history)
     images_total = sum(r.get("images", 0) for r in trainer.history)
-    progress = tqdm(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch), disable=not rank0 or None,
-                    leave=False, dynamic_ncols=True, desc="train")
+    done_steps = (trainer.resume_partial or {}).get("step", 0)
+    progress = tqdm(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
+                    disable=not rank0 or None, leave=False, dynamic_ncols=True, desc="train")
+    stopped, partial = False, None
     try:
         for epoch in range(trainer.start_epoch, cfg.epochs):
-            t0 = time.time()
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            result = trainer.train_epoch(epoch, progress)
-            if result is None:
+            partial, trainer.resume_partial = trainer.resume_partial, None  # a mid-epoch checkpoint's
+            t0 = time.time() - (partial["time_s"] if partial else 0.0)
+            lr = partial["lr"] if partial else trainer.optimizer.param_groups[0]["lr"]
+            result = trainer.train_epoch(epoch, progress, partial)
+            if result is None:  # stopped mid-epoch: save the steps done, to finish the epoch later
+                stopped, partial = True, dict(trainer.partial, lr=lr, time_s=time.time() - t0)
+                if rank0:
+                    trainer.save_checkpoint(epoch, partial)
                 break
+            partial = None
             train_loss, train_error, images = result
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -98,11 +106,14 @@ def train(cfg: Config, explicit: set, argv) -> int:
                      f"{test}  lr {lr:.4g}  {epoch_time:.1f}s")
             train_time += epoch_time
             images_total += images
-            if STOP.requested:
+            if trainer.stop_agreed():
+                stopped = True
                 break
-        if STOP.requested:
-            status, code = "interrupted", 128 + STOP.requested
-            message = f"stopped by signal {STOP.requested} after epoch {len(trainer.history)}; resume with --resume {run_dir}"
+        if stopped:
+            status, code = "interrupted", 128 + (STOP.requested or signal.SIGTERM)
+            where = f"epoch {len(trainer.history)}" + (f" and step {partial['step']} of epoch {len(trainer.history) + 1}"
+                                                       if partial else "")
+            message = f"stopped by signal {STOP.requested or signal.SIGTERM} after {where} (saved); resume with --resume {run_dir}"
     except Diverged as e:
         status, message, code = "diverged", f"{e}; last good checkpoint: epoch {len(trainer.history)}", EXIT_RUNTIME
     except KeyboardInterrupt:

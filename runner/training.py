@@ -183,7 +183,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
         self.autocast = autocast_for(cfg, self.device)
-        self.start_epoch, self.history = 0, []
+        self.start_epoch, self.history, self.resume_partial, self.partial = 0, [], None, None
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -195,8 +195,10 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def state(self, epoch):
+    def state(self, epoch, partial=None):
+        """Everything to continue after `epoch` epochs (and `partial`: steps of the next one)."""
         return {"format": "flat-minima-runner/1", "epoch": epoch, "config": dataclasses.asdict(self.cfg),
+                **({"partial": partial} if partial else {}),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(),
                 "history": self.history, **({"scaler": self.scaler.state_dict()} if self.scaler else {})}
@@ -215,9 +217,10 @@ class Trainer:
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.start_epoch, self.history = ckpt["epoch"], list(ckpt["history"])
+        self.resume_partial = ckpt.get("partial")
 
-    def save_checkpoint(self, epoch):
-        state = self.state(epoch)
+    def save_checkpoint(self, epoch, partial=None):
+        state = self.state(epoch, partial)
         atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), lambda f: self.torch.save(state, f))
 
     # -- one epoch
@@ -225,16 +228,38 @@ class Trainer:
         return make_closure(self.optimizer, self.net, self.params, batches, autocast=self.autocast,
                             clip_norm=self.cfg.clip_norm, scaler=self.scaler)
 
-    def train_epoch(self, epoch, progress):
+    def stop_agreed(self) -> bool:
+        """Whether a stop was requested (SIGINT/SIGTERM); under torchrun, on any rank (all ranks
+        take part and get the same answer, so they stop at the same step)."""
+        flag = bool(STOP.requested)
+        if self.world > 1:
+            import torch.distributed as dist
+            t = self.torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = t.item() > 0
+        return flag
+
+    def train_epoch(self, epoch, progress, partial=None):
+        """One epoch (from step partial['step'] of a checkpoint saved mid-epoch, if given). Returns
+        (train loss, train error %, images), or None when stopped mid-epoch, with self.partial set
+        to what a checkpoint needs to finish the epoch later exactly as if never stopped."""
         torch = self.torch
+        partial = partial or {}
         self.model.train()
         for loader in self.loaders:
             loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        wrong = torch.zeros((), device=self.device, dtype=torch.int64)
+        loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=self.device, dtype=torch.float64)
+        wrong = torch.tensor(partial.get("wrong", 0), device=self.device, dtype=torch.int64)
         bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)  # first non-finite step
-        seen, images = 0, 0
-        for step, batches in enumerate(zip(*self.loaders)):
+        seen, images, start = partial.get("seen", 0), partial.get("images", 0), partial.get("step", 0)
+        if self.scaler is not None:
+            self.scaler.skipped = partial.get("skipped", self.scaler.skipped)
+        iterators = [iter(loader) for loader in self.loaders]
+        for _ in range(start):  # replay the augmentation draws of the steps already done
+            for it in iterators:
+                next(it)
+        self.partial = None
+        for step, batches in enumerate(zip(*iterators), start=start):
             batches = [(x.contiguous(memory_format=torch.channels_last), y) if self.cfg.channels_last else (x, y)
                        for x, y in batches]
             outputs, loss = self.optimizer.step(self.closure_for(batches))
@@ -246,11 +271,19 @@ class Trainer:
             seen += len(y)
             images += sum(len(b[1]) for b in batches)
             progress.update(1)
-            if (step + 1) % 50 == 0:  # one host sync per log interval
+            sync = (step + 1) % 50 == 0  # one host sync per log interval
+            if sync:
                 if bad_step.item() >= 0:
                     raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
-            if STOP.requested:
+            # one process: stop at once; torchrun: ranks agree at the sync points
+            stop = STOP.requested if self.world == 1 else sync and self.stop_agreed()
+            if stop and step + 1 < self.steps_per_epoch:
+                if bad_step.item() >= 0:
+                    raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
+                self.partial = dict(step=step + 1, loss_sum=loss_sum.item(), wrong=int(wrong.item()),
+                                    seen=seen, images=images,
+                                    skipped=self.scaler.skipped if self.scaler is not None else 0)
                 return None
         if bad_step.item() >= 0:
             raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
@@ -296,10 +329,11 @@ class Trainer:
 
 
 class _Stop:
-    """SIGINT/SIGTERM set `requested`; the loop stops at the next step and keeps the last checkpoint."""
+    """SIGINT/SIGTERM set `requested`; the loop stops after the current step and saves where it is."""
     requested = 0
 
     def install(self):
+        self.requested = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 

@@ -1,10 +1,12 @@
 """The runner: config layers and errors, run records, resume, and real Fashion-MNIST training."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 import main
@@ -164,28 +166,50 @@ def test_end_to_end_perturbation_optimizers(tmp_path, optimizer):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "amp", "rwp", "sam"])
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, optimizer):
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch, optimizer):
+    """SIGTERM during step 2 of epoch 2 (4 steps an epoch): the run saves after that step (epoch 1
+    + 2 steps), exits 143, and --resume finishes with exactly the metrics of an uninterrupted run."""
     args = [*TINY, "--optimizer", optimizer, "--epochs", "3", "--dropout", "0.1", "--eval_every", "2"]
     assert run(tmp_path, *args, name="full")[0] == 0
     full = rows(tmp_path / "runs" / "full")
 
-    real = main.Trainer.train_epoch
+    real, calls = main.Trainer.closure_for, []
 
-    def interrupt_in_epoch_2(self, epoch, progress):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, epoch, progress)
+    def sigterm_at_step_6(self, batches):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the runner: stop after this step
+        return real(self, batches)
 
-    monkeypatch.setattr(main.Trainer, "train_epoch", interrupt_in_epoch_2)
+    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_6)
     code, part = run(tmp_path, *args, name="part")
-    assert code == 130 and json.load(open(part / "summary.json"))["status"] == "interrupted"
-    assert len(rows(part)) == 1
-    monkeypatch.setattr(main.Trainer, "train_epoch", real)
-    assert main.main(["--resume", str(part)]) == 0
+    summary = json.load(open(part / "summary.json"))
+    assert code == 143 and summary["status"] == "interrupted"
+    assert "after epoch 1 and step 2 of epoch 2 (saved)" in summary["message"]
+    ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["step"] == 2 and len(rows(part)) == 1
+    assert main.main(["--resume", str(part)]) == 0  # (still counting closure_for calls)
     resumed = rows(part)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rs]
     assert strip(resumed) == strip(full)  # identical metrics, bit for bit on CPU
     assert json.load(open(part / "summary.json"))["final_test_error"] == full[-1]["test_error"]
+    assert len(calls) == 3 * 4  # the resumed run did only the 6 steps that were left
+
+
+def test_keyboard_interrupt_keeps_the_last_epoch(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt) stops at once: exit 130, the last epoch's checkpoint."""
+    args = [*TINY, "--optimizer", "sgd", "--epochs", "3"]
+    real = main.Trainer.train_epoch
+
+    def interrupt_in_epoch_2(self, epoch, progress, partial=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, progress, partial)
+
+    monkeypatch.setattr(main.Trainer, "train_epoch", interrupt_in_epoch_2)
+    code, part = run(tmp_path, *args, name="part")
+    assert code == 130 and json.load(open(part / "summary.json"))["status"] == "interrupted"
+    assert len(rows(part)) == 1 and "partial" not in torch.load(part / "checkpoint.pt", weights_only=True)
 
 
 def test_torchrun_two_processes_parallel_rwp(tmp_path):

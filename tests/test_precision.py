@@ -1,6 +1,8 @@
 """fp16 loss scaling across the passes of one step (runner/scaler.py) and the runner's fp16 path."""
 import copy
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -129,7 +131,8 @@ def test_fp16_autocast_trains(name):
 
 def test_runner_fp16_records_scale_and_resumes_bit_exactly(tmp_path, monkeypatch):
     """fp16 through main.py (CPU fp16 kernels are slow: a few small steps): rows carry the skipped
-    steps and the loss scale, the checkpoint the scaler, and a resume matches the full run."""
+    steps and the loss scale, the checkpoint the scaler, and a resume from mid-epoch matches the
+    full run."""
     args = [*TINY, "--train_size", "32", "--test_size", "16", "--batch_size", "16", "--eval_batch_size", "16",
             "--optimizer", "sgd", "--precision", "fp16", "--epochs", "2"]
     assert run(tmp_path, *args, name="full")[0] == 0
@@ -138,17 +141,20 @@ def test_runner_fp16_records_scale_and_resumes_bit_exactly(tmp_path, monkeypatch
     ckpt = torch.load(tmp_path / "runs" / "full" / "checkpoint.pt", weights_only=True)
     assert ckpt["scaler"]["scale"].item() == 2.0 ** 16
 
-    real = main.Trainer.train_epoch
+    real, calls = main.Trainer.closure_for, []
 
-    def interrupt_in_epoch_2(self, epoch, progress):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, epoch, progress)
+    def sigterm_in_step_3(self, batches):  # epoch 2, step 1 of 2
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
 
-    monkeypatch.setattr(main.Trainer, "train_epoch", interrupt_in_epoch_2)
+    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_in_step_3)
     code, part = run(tmp_path, *args, name="part")
-    assert code == 130
-    monkeypatch.setattr(main.Trainer, "train_epoch", real)
+    assert code == 143
+    partial = torch.load(part / "checkpoint.pt", weights_only=True)["partial"]
+    assert partial["step"] == 1 and partial["skipped"] == 0
+    monkeypatch.setattr(main.Trainer, "closure_for", real)
     assert main.main(["--resume", str(part)]) == 0
     strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rs]
     assert strip(rows(part)) == strip(full)

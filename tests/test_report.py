@@ -42,10 +42,10 @@ def runs(tmp_path_factory):
             run("b", f"b_s{s}", "--lr", "0.05", "--seed", str(s))
         real = main.Trainer.train_epoch
 
-        def interrupt_in_epoch_2(self, epoch, progress):
+        def interrupt_in_epoch_2(self, epoch, progress, partial=None):
             if epoch == 1:
                 raise KeyboardInterrupt
-            return real(self, epoch, progress)
+            return real(self, epoch, progress, partial)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(main.Trainer, "train_epoch", interrupt_in_epoch_2)
