@@ -149,6 +149,45 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
     assert "not a checkpoint of this runner" in capsys.readouterr().err
 
 
+def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Under torchrun a signal may reach one rank only (or the ranks at different steps). The ranks
+    agree on stopping (all-reduced flag) so none is left waiting in a collective: SIGTERM to rank 1
+    alone ends the whole job promptly with a consistent checkpoint and summary."""
+    from test_main import free_port
+    out = tmp_path / "runs"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), "main.py", *TINY, "--optimizer", "sgd",
+                          "--epochs", "200", "--batch_size", "32", "--out_dir", str(out), "--name", "ddp"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        ckpt_path = out / "ddp" / "checkpoint.pt"
+        deadline = time.time() + 120
+        while not ckpt_path.exists():
+            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
+            time.sleep(0.1)
+        rank1 = [pid for pid in os.listdir("/proc") if pid.isdigit() and _env_of(pid).get("RANK") == "1"
+                 and _env_of(pid).get("MASTER_PORT") == p.args[p.args.index("--master_port") + 1]]
+        assert len(rank1) == 1, rank1
+        os.kill(int(rank1[0]), signal.SIGTERM)
+        p.communicate(timeout=120)  # a rank left in a collective would hang here
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    s = json.load(open(out / "ddp" / "summary.json"))
+    assert s["status"] == "interrupted" and "--resume" in s["message"]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["epoch"] == s["epochs_completed"] == len(rows(out / "ddp")) < 200
+
+
+def _env_of(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
+    except OSError:
+        return {}
+
+
 def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "f.pt"
     write_text(str(path), "old")
