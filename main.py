@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 
@@ -72,7 +71,13 @@ def train(cfg: Config, explicit: set, argv) -> int:
     done_steps = (trainer.resume_partial or {}).get("step", 0)
     progress = tqdm(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
                     disable=not rank0 or None, leave=False, dynamic_ncols=True, desc="train")
-    stopped, partial = False, None
+    signum, partial = 0, None
+    saved = trainer.start_epoch, (trainer.resume_partial or {}).get("step", 0)  # (epoch, step) on disk
+
+    def saved_at():
+        epoch, step = saved
+        return f"epoch {epoch}" + (f" + {step} step(s) of epoch {epoch + 1}" if step else "")
+
     try:
         for epoch in range(trainer.start_epoch, cfg.epochs):
             partial, trainer.resume_partial = trainer.resume_partial, None  # a mid-epoch checkpoint's
@@ -80,9 +85,10 @@ def train(cfg: Config, explicit: set, argv) -> int:
             lr = partial["lr"] if partial else trainer.optimizer.param_groups[0]["lr"]
             result = trainer.train_epoch(epoch, progress, partial)
             if result is None:  # stopped mid-epoch: save the steps done, to finish the epoch later
-                stopped, partial = True, dict(trainer.partial, lr=lr, time_s=time.time() - t0)
+                partial = dict(trainer.partial, lr=lr, time_s=time.time() - t0)
                 if rank0:
                     trainer.save_checkpoint(epoch, partial)
+                saved, signum = (epoch, partial["step"]), trainer.stop_signal
                 break
             partial = None
             train_loss, train_error, images = result
@@ -101,24 +107,24 @@ def train(cfg: Config, explicit: set, argv) -> int:
             if rank0:
                 trainer.save_checkpoint(epoch + 1)
                 log.metrics(row)
+            saved = epoch + 1, 0
             test = f"test loss {test_loss:.4f} err {test_error:.2f}%" if test_error is not None else "test -"
             log.line(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} err {train_error:.2f}%  "
                      f"{test}  lr {lr:.4g}  {epoch_time:.1f}s")
             train_time += epoch_time
             images_total += images
-            if trainer.stop_agreed():
-                stopped = True
-                break
-        if stopped:
-            status, code = "interrupted", 128 + (STOP.requested or signal.SIGTERM)
-            where = f"epoch {len(trainer.history)}" + (f" and step {partial['step']} of epoch {len(trainer.history) + 1}"
-                                                       if partial else "")
-            message = f"stopped by signal {STOP.requested or signal.SIGTERM} after {where} (saved); resume with --resume {run_dir}"
+            if epoch + 1 < cfg.epochs:  # (a signal after the last epoch's work changes nothing)
+                signum = trainer.agree()[0]
+                if signum:
+                    break
+        if signum:
+            status, code = "interrupted", 128 + signum
+            message = f"stopped by signal {signum}; saved after {saved_at()}; resume with --resume {run_dir}"
     except Diverged as e:
-        status, message, code = "diverged", f"{e}; last good checkpoint: epoch {len(trainer.history)}", EXIT_RUNTIME
+        status, message, code = "diverged", f"{e}; last good checkpoint: {saved_at()}", EXIT_RUNTIME
     except KeyboardInterrupt:
         status, code = "interrupted", 130
-        message = f"interrupted after epoch {len(trainer.history)}; resume with --resume {run_dir}"
+        message = f"interrupted; last checkpoint: {saved_at()}; resume with --resume {run_dir}"
     finally:
         progress.close()
     if rank0:

@@ -171,6 +171,10 @@ def _validate(cfg: Config):
         v = getattr(cfg, name)
         if v and len(v) != channels:
             raise UsageError(f"{name}: {cfg.dataset} has {channels} channel(s), got {len(v)} values")
+    size = DATASETS[cfg.dataset].size
+    if cfg.augment and cfg.pad_mode == "reflect" and cfg.crop_padding >= size:
+        raise UsageError(f"crop_padding: reflect padding must be smaller than the {size}-pixel image, "
+                         f"got {cfg.crop_padding}")
     if cfg.std and min(cfg.std) <= 0:
         raise UsageError(f"std: values must be > 0, got {cfg.std}")
     import models

@@ -9,7 +9,8 @@ A perturbation computed from an overflowed pass is therefore zero, so the pertur
 the BatchNorm statistics of the next pass) stay finite. The parameter update — the base optimizer's
 `step`, or the plain optimizer's — is skipped when any pass of the step overflowed (the perturbed
 weights are restored from the optimizer's backup as always, so weights and momentum stay exactly
-as they were), and then
+as they were; step counters advance, like the LR schedule, and ARWP's accumulator, updated from
+the zeroed gradients, decays by β on such a step), and then
 
     S ← S · 1/2 on overflow;   S ← S · 2 after 2000 steps in a row without one
 

@@ -183,7 +183,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
         self.autocast = autocast_for(cfg, self.device)
-        self.start_epoch, self.history, self.resume_partial, self.partial = 0, [], None, None
+        self.start_epoch, self.history, self.resume_partial, self.partial, self.stop_signal = 0, [], None, None, 0
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -217,7 +217,10 @@ class Trainer:
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.start_epoch, self.history = ckpt["epoch"], list(ckpt["history"])
-        self.resume_partial = ckpt.get("partial")
+        self.resume_partial = partial = ckpt.get("partial")
+        if partial and (len(partial["ranks"]) != self.world or partial["step"] >= self.steps_per_epoch):
+            raise UsageError(f"resume: the checkpoint was saved mid-epoch by {len(partial['ranks'])} process(es) "
+                             f"after step {partial['step']}; resume it with the same number of processes")
 
     def save_checkpoint(self, epoch, partial=None):
         state = self.state(epoch, partial)
@@ -228,36 +231,46 @@ class Trainer:
         return make_closure(self.optimizer, self.net, self.params, batches, autocast=self.autocast,
                             clip_norm=self.cfg.clip_norm, scaler=self.scaler)
 
-    def stop_agreed(self) -> bool:
-        """Whether a stop was requested (SIGINT/SIGTERM); under torchrun, on any rank (all ranks
-        take part and get the same answer, so they stop at the same step)."""
-        flag = bool(STOP.requested)
-        if self.world > 1:
-            import torch.distributed as dist
-            t = self.torch.tensor([float(flag)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = t.item() > 0
-        return flag
+    def agree(self, bad_step=None):
+        """(signal number or 0, first non-finite step or -1), the same on every rank: under torchrun
+        the MAX of the ranks' pending signals and the MIN of their non-finite steps (one tiny
+        all-reduce), so all ranks stop, or raise Diverged, at the same step."""
+        torch = self.torch
+        bad = -1 if bad_step is None else bad_step
+        if self.world == 1:
+            return STOP.requested, int(bad.item()) if torch.is_tensor(bad) else bad
+        import torch.distributed as dist
+        big = float(1 << 40)
+        bad = torch.as_tensor(bad, device=self.device, dtype=torch.float64)
+        t = torch.stack([torch.tensor(float(STOP.requested), device=self.device, dtype=torch.float64),
+                         torch.where(bad >= 0, big - bad, torch.zeros_like(bad))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        signum, b = t.tolist()
+        return int(signum), int(big - b) if b > 0 else -1
 
     def train_epoch(self, epoch, progress, partial=None):
         """One epoch (from step partial['step'] of a checkpoint saved mid-epoch, if given). Returns
         (train loss, train error %, images), or None when stopped mid-epoch, with self.partial set
         to what a checkpoint needs to finish the epoch later exactly as if never stopped."""
         torch = self.torch
-        partial = partial or {}
         self.model.train()
         for loader in self.loaders:
             loader.set_epoch(epoch)
-        loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=self.device, dtype=torch.float64)
-        wrong = torch.tensor(partial.get("wrong", 0), device=self.device, dtype=torch.int64)
+        start = partial["step"] if partial else 0
+        loss0, wrong0, seen, images = partial["ranks"][self.rank] if partial else (0.0, 0, 0, 0)
+        loss_sum = torch.tensor(loss0, device=self.device, dtype=torch.float64)
+        wrong = torch.tensor(int(wrong0), device=self.device, dtype=torch.int64)
+        seen, images = int(seen), int(images)
         bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)  # first non-finite step
-        seen, images, start = partial.get("seen", 0), partial.get("images", 0), partial.get("step", 0)
-        if self.scaler is not None:
-            self.scaler.skipped = partial.get("skipped", self.scaler.skipped)
+        if self.scaler is not None and partial:
+            self.scaler.skipped = partial["skipped"]
         iterators = [iter(loader) for loader in self.loaders]
-        for _ in range(start):  # replay the augmentation draws of the steps already done
-            for it in iterators:
-                next(it)
+        if start:  # replay the draws of the steps already done (AutoAugment with 0 workers draws
+            rng = torch.get_rng_state()  # from the global RNG, which the checkpoint restored)
+            for _ in range(start):
+                for it in iterators:
+                    next(it)
+            torch.set_rng_state(rng)
         self.partial = None
         for step, batches in enumerate(zip(*iterators), start=start):
             batches = [(x.contiguous(memory_format=torch.channels_last), y) if self.cfg.channels_last else (x, y)
@@ -272,21 +285,20 @@ class Trainer:
             images += sum(len(b[1]) for b in batches)
             progress.update(1)
             sync = (step + 1) % 50 == 0  # one host sync per log interval
-            if sync:
-                if bad_step.item() >= 0:
-                    raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
-                progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
-            # one process: stop at once; torchrun: ranks agree at the sync points
-            stop = STOP.requested if self.world == 1 else sync and self.stop_agreed()
-            if stop and step + 1 < self.steps_per_epoch:
-                if bad_step.item() >= 0:
-                    raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
-                self.partial = dict(step=step + 1, loss_sum=loss_sum.item(), wrong=int(wrong.item()),
-                                    seen=seen, images=images,
-                                    skipped=self.scaler.skipped if self.scaler is not None else 0)
-                return None
-        if bad_step.item() >= 0:
-            raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step.item() + 1}")
+            # one process: a signal stops after this step; torchrun: the ranks agree at sync points
+            if sync or (self.world == 1 and STOP.requested):
+                signum, bad = self.agree(bad_step)
+                if bad >= 0:
+                    raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad + 1}")
+                if sync:
+                    progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
+                if signum and step + 1 < self.steps_per_epoch:
+                    self.stop_signal = signum
+                    self.partial = self._partial(step + 1, loss_sum, wrong, seen, images)
+                    return None
+        signum, bad = self.agree(bad_step)
+        if bad >= 0:
+            raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad + 1}")
         # Train metrics come from clean passes (at θ); ranks whose step returns the perturbed pass
         # (parallel RWP's odd ranks) count only if no rank has a clean pass (ARWP: α = 1).
         clean = float(getattr(self.optimizer, "returns_clean", True))
@@ -298,6 +310,19 @@ class Trainer:
         totals = totals.tolist()
         loss_total, wrong_total, n = totals[:3] if totals[2] > 0 else totals[3:]
         return loss_total / n, 100.0 * wrong_total / n, images * self.world
+
+    def _partial(self, step, loss_sum, wrong, seen, images):
+        """Mid-epoch state: steps done and every rank's running sums (loss, wrong, seen, images)."""
+        torch = self.torch
+        mine = torch.stack([loss_sum, wrong.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64),
+                            torch.tensor(float(images), device=self.device, dtype=torch.float64)])
+        parts = [mine]
+        if self.world > 1:
+            import torch.distributed as dist
+            parts = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(parts, mine)
+        return dict(step=step, ranks=[p.tolist() for p in parts],
+                    skipped=self.scaler.skipped if self.scaler is not None else 0)
 
     def evaluate(self):
         torch = self.torch

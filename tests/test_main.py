@@ -77,6 +77,7 @@ BAD = [
     (["--gamma", "-0.01"], "gamma: -0.01 is out of range"),
     (["--milestones", "150", "100"], "milestones: [150, 100] must be"),
     (["--dataset", "fashionmnist", "--mean", "0.1", "0.2"], "mean: fashionmnist has 1 channel(s), got 2 values"),
+    (["--pad_mode", "reflect", "--crop_padding", "32"], "crop_padding: reflect padding must be smaller than the 32-pixel image"),
     (["--config", "/nonexistent.yaml"], "config: file '/nonexistent.yaml' does not exist"),
     (["--resume", "/nonexistent_run"], "resume: '/nonexistent_run' is not a run folder"),
 ]
@@ -165,11 +166,14 @@ def test_end_to_end_perturbation_optimizers(tmp_path, optimizer):
     assert r["images"] == (512 if optimizer == "rwp" else 256)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "amp", "rwp", "sam"])
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer,extra", [
+    ("sgd", []), ("amp", []), ("rwp", []), ("sam", []),
+    ("sgd", ["--autoaugment", "--workers", "0"]),  # per-sample transforms on the global RNG
+], ids=["sgd", "amp", "rwp", "sam", "sgd-autoaugment"])
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys, optimizer, extra):
     """SIGTERM during step 2 of epoch 2 (4 steps an epoch): the run saves after that step (epoch 1
     + 2 steps), exits 143, and --resume finishes with exactly the metrics of an uninterrupted run."""
-    args = [*TINY, "--optimizer", optimizer, "--epochs", "3", "--dropout", "0.1", "--eval_every", "2"]
+    args = [*TINY, "--optimizer", optimizer, "--epochs", "3", "--dropout", "0.1", "--eval_every", "2", *extra]
     assert run(tmp_path, *args, name="full")[0] == 0
     full = rows(tmp_path / "runs" / "full")
 
@@ -185,9 +189,17 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monke
     code, part = run(tmp_path, *args, name="part")
     summary = json.load(open(part / "summary.json"))
     assert code == 143 and summary["status"] == "interrupted"
-    assert "after epoch 1 and step 2 of epoch 2 (saved)" in summary["message"]
+    assert "saved after epoch 1 + 2 step(s) of epoch 2" in summary["message"]
     ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["partial"]["step"] == 2 and len(rows(part)) == 1
+    if optimizer == "sgd" and not extra:  # a mid-epoch checkpoint needs the same process count
+        import shutil
+        other = tmp_path / "other"
+        shutil.copytree(part, other)
+        ckpt["partial"]["ranks"] *= 2
+        torch.save(ckpt, other / "checkpoint.pt")
+        assert main.main(["--resume", str(other)]) == 2
+        assert "saved mid-epoch by 2 process(es) after step 2" in capsys.readouterr().err
     assert main.main(["--resume", str(part)]) == 0  # (still counting closure_for calls)
     resumed = rows(part)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rs]

@@ -180,6 +180,49 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path
     assert ckpt["epoch"] == s["epochs_completed"] == len(rows(out / "ddp")) < 200
 
 
+def _torchrun(args, out=None, name=None, **kw):
+    from test_main import free_port
+    port = str(free_port())
+    where = ["--out_dir", str(out), "--name", name] if name else []
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          port, "main.py", *args, *where], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    return p, port
+
+
+def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path):
+    """2 ranks, 256 steps an epoch: SIGTERM to rank 1 early in epoch 2 stops both ranks at the same
+    50-step sync point; the checkpoint holds both ranks' running sums; a torchrun --resume then ends
+    with the metrics of an uninterrupted 2-rank run."""
+    args = [*TINY, "--optimizer", "sgd", "--epochs", "2", "--train_size", "1024", "--batch_size", "2",
+            "--eval_every", "2"]
+    out = tmp_path / "runs"
+    p, _ = _torchrun(args, out, "full")
+    assert p.communicate(timeout=300) and p.returncode == 0
+    p, port = _torchrun(args, out, "part")
+    try:
+        ckpt_path = out / "part" / "checkpoint.pt"
+        deadline = time.time() + 120
+        while not ckpt_path.exists():
+            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
+            time.sleep(0.05)
+        time.sleep(0.3)  # into epoch 2
+        rank1 = [pid for pid in os.listdir("/proc") if pid.isdigit() and _env_of(pid).get("RANK") == "1"
+                 and _env_of(pid).get("MASTER_PORT") == port]
+        os.kill(int(rank1[0]), signal.SIGTERM)
+        p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    partial = torch.load(ckpt_path, weights_only=True)["partial"]
+    assert partial["step"] % 50 == 0 and 0 < partial["step"] < 256 and len(partial["ranks"]) == 2
+    assert partial["ranks"][0][2] == partial["ranks"][1][2] == 2 * partial["step"]  # samples seen per rank
+    p, _ = _torchrun(["--resume", str(out / "part")])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert metrics(out / "part") == metrics(out / "full")
+
+
 def _env_of(pid):
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
