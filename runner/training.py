@@ -218,6 +218,10 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.start_epoch, self.history = ckpt["epoch"], list(ckpt["history"])
         self.resume_partial = partial = ckpt.get("partial")
+        keys = {"step", "ranks", "skipped", "lr", "time_s"}
+        if partial is not None and not (isinstance(partial, dict) and keys <= partial.keys()
+                                        and all(isinstance(r, list) and len(r) == 4 for r in partial["ranks"])):
+            raise UsageError("resume: the checkpoint's mid-epoch record is malformed; it is corrupt or not ours")
         if partial and (len(partial["ranks"]) != self.world or partial["step"] >= self.steps_per_epoch):
             raise UsageError(f"resume: the checkpoint was saved mid-epoch by {len(partial['ranks'])} process(es) "
                              f"after step {partial['step']}; resume it with the same number of processes")

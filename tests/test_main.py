@@ -200,6 +200,10 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monke
         torch.save(ckpt, other / "checkpoint.pt")
         assert main.main(["--resume", str(other)]) == 2
         assert "saved mid-epoch by 2 process(es) after step 2" in capsys.readouterr().err
+        del ckpt["partial"]["ranks"]
+        torch.save(ckpt, other / "checkpoint.pt")
+        assert main.main(["--resume", str(other)]) == 2
+        assert "mid-epoch record is malformed" in capsys.readouterr().err
     assert main.main(["--resume", str(part)]) == 0  # (still counting closure_for calls)
     resumed = rows(part)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rs]
