@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -72,9 +73,12 @@ def train(cfg: Config, explicit: set, argv) -> int:
     progress = tqdm(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
                     disable=not rank0 or None, leave=False, dynamic_ncols=True, desc="train")
     signum, partial = 0, None
-    saved = trainer.start_epoch, (trainer.resume_partial or {}).get("step", 0)  # (epoch, step) on disk
+    # (epoch, step) of the checkpoint on disk; None before the first one
+    saved = (trainer.start_epoch, (trainer.resume_partial or {}).get("step", 0)) if cfg.resume else None
 
     def saved_at():
+        if saved is None:
+            return "none yet (start the run again)"
         epoch, step = saved
         return f"epoch {epoch}" + (f" + {step} step(s) of epoch {epoch + 1}" if step else "")
 
@@ -116,16 +120,18 @@ def train(cfg: Config, explicit: set, argv) -> int:
             if epoch + 1 < cfg.epochs:  # (a signal after the last epoch's work changes nothing)
                 signum = trainer.agree()[0]
                 if signum:
+                    STOP.escalate = False
                     break
         if signum:
             status, code = "interrupted", 128 + signum
             message = f"stopped by signal {signum}; saved after {saved_at()}; resume with --resume {run_dir}"
     except Diverged as e:
         status, message, code = "diverged", f"{e}; last good checkpoint: {saved_at()}", EXIT_RUNTIME
-    except KeyboardInterrupt:
-        status, code = "interrupted", 130
-        message = f"interrupted; last checkpoint: {saved_at()}; resume with --resume {run_dir}"
+    except KeyboardInterrupt:  # a second signal (or Ctrl-C) while a step ran: no agreement, no save
+        status, code = "interrupted", 128 + (STOP.hard or signal.SIGINT)
+        message = f"interrupted; last checkpoint: {saved_at()}" + (f"; resume with --resume {run_dir}" if saved else "")
     finally:
+        STOP.escalate = False  # from here on, signals wait for the records to be written
         progress.close()
     if rank0:
         write_summary(run_dir, cfg, trainer.history, status, message, train_time, images_total,
@@ -142,6 +148,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
                  f"(best-epoch error is picked on the test set)" if best else "no evaluation")
     if world > 1:
         import torch.distributed as dist
+        if not STOP.hard:  # the ranks agreed on the outcome: leave together, after rank 0 wrote
+            dist.barrier()           # (torchrun stops the others as soon as one rank exits non-zero)
         dist.destroy_process_group()
     return code
 

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import os
 import signal
+import time
 
 from runner.config import Config, UsageError
 from runner.records import atomic_write
@@ -153,6 +154,8 @@ class Trainer:
         xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
         xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
         self.aug = build_augment(cfg, info)
+        if len(xte) < self.world:
+            raise UsageError(f"test_size: {len(xte)} test sample(s) cannot be split across {self.world} processes")
         self.test_x, self.test_y = xte.to(self.device), yte.to(self.device)
 
         # model
@@ -219,12 +222,19 @@ class Trainer:
         self.start_epoch, self.history = ckpt["epoch"], list(ckpt["history"])
         self.resume_partial = partial = ckpt.get("partial")
         keys = {"step", "ranks", "skipped", "lr", "time_s"}
-        if partial is not None and not (isinstance(partial, dict) and keys <= partial.keys()
-                                        and all(isinstance(r, list) and len(r) == 4 for r in partial["ranks"])):
+        number = (int, float)
+        if partial is not None and not (
+                isinstance(partial, dict) and keys <= partial.keys() and isinstance(partial["step"], int)
+                and partial["step"] > 0 and isinstance(partial["ranks"], list)
+                and all(isinstance(r, list) and len(r) == 4 and all(isinstance(v, number) for v in r)
+                        for r in partial["ranks"])):
             raise UsageError("resume: the checkpoint's mid-epoch record is malformed; it is corrupt or not ours")
-        if partial and (len(partial["ranks"]) != self.world or partial["step"] >= self.steps_per_epoch):
-            raise UsageError(f"resume: the checkpoint was saved mid-epoch by {len(partial['ranks'])} process(es) "
-                             f"after step {partial['step']}; resume it with the same number of processes")
+        if partial and len(partial["ranks"]) != self.world:
+            raise UsageError(f"resume: the checkpoint was saved mid-epoch by {len(partial['ranks'])} process(es); "
+                             f"resume it with the same number of processes")
+        if partial and partial["step"] >= self.steps_per_epoch:
+            raise UsageError(f"resume: the checkpoint was saved after step {partial['step']} of an epoch, but an "
+                             f"epoch now has {self.steps_per_epoch} steps (other data or batch size?)")
 
     def save_checkpoint(self, epoch, partial=None):
         state = self.state(epoch, partial)
@@ -297,6 +307,7 @@ class Trainer:
                 if sync:
                     progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
                 if signum and step + 1 < self.steps_per_epoch:
+                    STOP.escalate = False  # agreed: let every rank save and leave together
                     self.stop_signal = signum
                     self.partial = self._partial(step + 1, loss_sum, wrong, seen, images)
                     return None
@@ -358,18 +369,28 @@ class Trainer:
 
 
 class _Stop:
-    """SIGINT/SIGTERM set `requested`; the loop stops after the current step and saves where it is."""
-    requested = 0
+    """SIGINT/SIGTERM set `requested`: the loop stops after the current step (under torchrun at the
+    next point where the ranks agree) and saves where it is. A repeat within 2 s counts as the same
+    request (a cluster often signals every process and torchrun forwards the signal again); a later
+    one stops at once (KeyboardInterrupt; `hard` holds its number) unless the stop is already
+    agreed and being saved (`escalate` False)."""
+    requested = hard = 0
+    escalate = True
+    first_at = 0.0
 
     def install(self):
-        self.requested = 0
+        self.requested = self.hard = 0
+        self.escalate = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self.first_at = signum, now
+        elif self.escalate and now - self.first_at > 2.0:
+            self.hard = signum
             raise KeyboardInterrupt
-        self.requested = signum
 
 
 STOP = _Stop()

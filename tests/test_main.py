@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -181,8 +182,9 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monke
 
     def sigterm_at_step_6(self, batches):
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 6:  # twice, as a cluster plus torchrun often deliver it: one request
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the runner: stop after this step
+            os.kill(os.getpid(), signal.SIGTERM)
         return real(self, batches)
 
     monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_6)
@@ -199,7 +201,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monke
         ckpt["partial"]["ranks"] *= 2
         torch.save(ckpt, other / "checkpoint.pt")
         assert main.main(["--resume", str(other)]) == 2
-        assert "saved mid-epoch by 2 process(es) after step 2" in capsys.readouterr().err
+        assert "saved mid-epoch by 2 process(es); resume it with the same number" in capsys.readouterr().err
         del ckpt["partial"]["ranks"]
         torch.save(ckpt, other / "checkpoint.pt")
         assert main.main(["--resume", str(other)]) == 2
@@ -212,19 +214,25 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monke
     assert len(calls) == 3 * 4  # the resumed run did only the 6 steps that were left
 
 
-def test_keyboard_interrupt_keeps_the_last_epoch(tmp_path, monkeypatch):
-    """A second Ctrl-C (KeyboardInterrupt) stops at once: exit 130, the last epoch's checkpoint."""
+def test_second_signal_after_2s_stops_at_once(tmp_path, monkeypatch):
+    """A second SIGTERM more than 2 s after the first, while a step runs, stops at once: exit 143,
+    the last epoch's checkpoint (no mid-epoch save), a message naming it."""
     args = [*TINY, "--optimizer", "sgd", "--epochs", "3"]
-    real = main.Trainer.train_epoch
+    real, calls = main.Trainer.closure_for, []
 
-    def interrupt_in_epoch_2(self, epoch, progress, partial=None):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, epoch, progress, partial)
+    def two_signals_in_step_6(self, batches):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2.2)
+            os.kill(os.getpid(), signal.SIGTERM)  # raises KeyboardInterrupt here
+        return real(self, batches)
 
-    monkeypatch.setattr(main.Trainer, "train_epoch", interrupt_in_epoch_2)
+    monkeypatch.setattr(main.Trainer, "closure_for", two_signals_in_step_6)
     code, part = run(tmp_path, *args, name="part")
-    assert code == 130 and json.load(open(part / "summary.json"))["status"] == "interrupted"
+    summary = json.load(open(part / "summary.json"))
+    assert code == 143 and summary["status"] == "interrupted" and len(calls) == 6
+    assert summary["message"].startswith("interrupted; last checkpoint: epoch 1; resume with --resume")
     assert len(rows(part)) == 1 and "partial" not in torch.load(part / "checkpoint.pt", weights_only=True)
 
 

@@ -116,6 +116,9 @@ def test_huge_learning_rate_diverges_with_exit_1(tmp_path, capsys):
     assert code == 1
     s = json.load(open(run_dir / "summary.json"))
     assert s["status"] == "diverged" and "non-finite" in s["message"]
+    if s["epochs_completed"] == 0:  # diverged in epoch 1: no checkpoint exists, and it says so
+        assert "last good checkpoint: none yet (start the run again)" in s["message"]
+        assert not (run_dir / "checkpoint.pt").exists()
 
 
 class _Evil:
