@@ -194,9 +194,9 @@ def _torchrun(args, out=None, name=None, **kw):
 
 
 def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path):
-    """2 ranks, 256 steps an epoch: SIGTERM to rank 1 early in epoch 2 stops both ranks at the same
-    50-step sync point; the checkpoint holds both ranks' running sums; a torchrun --resume then ends
-    with the metrics of an uninterrupted 2-rank run."""
+    """2 ranks, 256 steps an epoch: SIGTERM (twice) to both workers early in epoch 2 stops them at
+    the same 50-step sync point; the checkpoint holds both ranks' running sums; a torchrun --resume
+    then ends with the metrics of an uninterrupted 2-rank run."""
     args = [*TINY, "--optimizer", "sgd", "--epochs", "2", "--train_size", "1024", "--batch_size", "2",
             "--eval_every", "2"]
     out = tmp_path / "runs"
@@ -210,9 +210,12 @@ def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path)
             assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
             time.sleep(0.05)
         time.sleep(0.3)  # into epoch 2
-        rank1 = [pid for pid in os.listdir("/proc") if pid.isdigit() and _env_of(pid).get("RANK") == "1"
-                 and _env_of(pid).get("MASTER_PORT") == port]
-        os.kill(int(rank1[0]), signal.SIGTERM)
+        workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _env_of(pid).get("RANK")
+                   and _env_of(pid).get("MASTER_PORT") == port]
+        assert len(workers) == 2
+        for _ in range(2):  # every worker, twice (a cluster signals each process, torchrun forwards)
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
         p.communicate(timeout=120)
     finally:
         if p.poll() is None:
