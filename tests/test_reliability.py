@@ -152,45 +152,49 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
     assert "not a checkpoint of this runner" in capsys.readouterr().err
 
 
-def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    """Under torchrun a signal may reach one rank only (or the ranks at different steps). The ranks
-    agree on stopping (all-reduced flag) so none is left waiting in a collective: SIGTERM to rank 1
-    alone ends the whole job promptly with a consistent checkpoint and summary."""
-    from test_main import free_port
-    out = tmp_path / "runs"
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), "main.py", *TINY, "--optimizer", "sgd",
-                          "--epochs", "200", "--batch_size", "32", "--out_dir", str(out), "--name", "ddp"],
-                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        ckpt_path = out / "ddp" / "checkpoint.pt"
-        deadline = time.time() + 120
-        while not ckpt_path.exists():
-            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
-            time.sleep(0.1)
-        rank1 = [pid for pid in os.listdir("/proc") if pid.isdigit() and _env_of(pid).get("RANK") == "1"
-                 and _env_of(pid).get("MASTER_PORT") == p.args[p.args.index("--master_port") + 1]]
-        assert len(rank1) == 1, rank1
-        os.kill(int(rank1[0]), signal.SIGTERM)
-        p.communicate(timeout=120)  # a rank left in a collective would hang here
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    s = json.load(open(out / "ddp" / "summary.json"))
-    assert s["status"] == "interrupted" and "--resume" in s["message"]
-    ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["epoch"] == s["epochs_completed"] == len(rows(out / "ddp")) < 200
-
-
-def _torchrun(args, out=None, name=None, **kw):
+def _torchrun(args, out=None, name=None):
+    """torchrun with 2 gloo workers in a new session; returns (process, master port)."""
     from test_main import free_port
     port = str(free_port())
     where = ["--out_dir", str(out), "--name", name] if name else []
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           port, "main.py", *args, *where], cwd=ROOT, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     return p, port
+
+
+def _signal_workers_after_first_checkpoint(p, port, ckpt_path, ranks, times=1, delay=0.0):
+    """Wait for the run's first checkpoint, then SIGTERM the workers of `ranks` (`times` each), and
+    wait for torchrun to end (a rank left in a collective would hang here)."""
+    try:
+        deadline = time.time() + 120
+        while not ckpt_path.exists():
+            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
+            time.sleep(0.05)
+        time.sleep(delay)
+        workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                   and _env_of(pid).get("MASTER_PORT") == port and _env_of(pid).get("RANK") in ranks]
+        assert len(workers) == len(ranks), workers
+        for _ in range(times):
+            for pid in workers:
+                os.kill(pid, signal.SIGTERM)
+        p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Under torchrun a signal may reach one rank only (or the ranks at different steps). The ranks
+    agree on stopping (all-reduced flag) so none is left waiting in a collective: SIGTERM to rank 1
+    alone ends the whole job promptly with a consistent checkpoint and summary."""
+    out = tmp_path / "runs"
+    p, port = _torchrun([*TINY, "--optimizer", "sgd", "--epochs", "200", "--batch_size", "32"], out, "ddp")
+    _signal_workers_after_first_checkpoint(p, port, out / "ddp" / "checkpoint.pt", ["1"])
+    s = json.load(open(out / "ddp" / "summary.json"))
+    assert s["status"] == "interrupted" and "--resume" in s["message"]
+    ckpt = torch.load(out / "ddp" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == s["epochs_completed"] == len(rows(out / "ddp")) < 200
 
 
 def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path):
@@ -203,24 +207,9 @@ def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path)
     p, _ = _torchrun(args, out, "full")
     assert p.communicate(timeout=300) and p.returncode == 0
     p, port = _torchrun(args, out, "part")
-    try:
-        ckpt_path = out / "part" / "checkpoint.pt"
-        deadline = time.time() + 120
-        while not ckpt_path.exists():
-            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
-            time.sleep(0.05)
-        time.sleep(0.3)  # into epoch 2
-        workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _env_of(pid).get("RANK")
-                   and _env_of(pid).get("MASTER_PORT") == port]
-        assert len(workers) == 2
-        for _ in range(2):  # every worker, twice (a cluster signals each process, torchrun forwards)
-            for pid in workers:
-                os.kill(pid, signal.SIGTERM)
-        p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    partial = torch.load(ckpt_path, weights_only=True)["partial"]
+    # every worker, twice (a cluster signals each process and torchrun forwards), early in epoch 2
+    _signal_workers_after_first_checkpoint(p, port, out / "part" / "checkpoint.pt", ["0", "1"], times=2, delay=0.3)
+    partial = torch.load(out / "part" / "checkpoint.pt", weights_only=True)["partial"]
     assert partial["step"] % 50 == 0 and 0 < partial["step"] < 256 and len(partial["ranks"]) == 2
     assert partial["ranks"][0][2] == partial["ranks"][1][2] == 2 * partial["step"]  # samples seen per rank
     p, _ = _torchrun(["--resume", str(out / "part")])
