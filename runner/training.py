@@ -131,6 +131,24 @@ def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.
     return closure
 
 
+def _check_partial(partial, world, steps_per_epoch):
+    """A mid-epoch record from a checkpoint must be well formed and fit this run."""
+    if partial is None:
+        return
+    number = (int, float)
+    if not (isinstance(partial, dict) and {"step", "ranks", "skipped", "lr", "time_s"} <= partial.keys()
+            and isinstance(partial["step"], int) and partial["step"] > 0 and isinstance(partial["ranks"], list)
+            and all(isinstance(r, list) and len(r) == 4 and all(isinstance(v, number) for v in r)
+                    for r in partial["ranks"])):
+        raise UsageError("resume: the checkpoint's mid-epoch record is malformed; it is corrupt or not ours")
+    if len(partial["ranks"]) != world:
+        raise UsageError(f"resume: the checkpoint was saved mid-epoch by {len(partial['ranks'])} process(es); "
+                         f"resume it with the same number of processes")
+    if partial["step"] >= steps_per_epoch:
+        raise UsageError(f"resume: the checkpoint was saved after step {partial['step']} of an epoch, but an "
+                         f"epoch now has {steps_per_epoch} steps (other data or batch size?)")
+
+
 class Trainer:
     """Data, model, optimizer and the one training loop for every optimizer."""
 
@@ -221,20 +239,7 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.start_epoch, self.history = ckpt["epoch"], list(ckpt["history"])
         self.resume_partial = partial = ckpt.get("partial")
-        keys = {"step", "ranks", "skipped", "lr", "time_s"}
-        number = (int, float)
-        if partial is not None and not (
-                isinstance(partial, dict) and keys <= partial.keys() and isinstance(partial["step"], int)
-                and partial["step"] > 0 and isinstance(partial["ranks"], list)
-                and all(isinstance(r, list) and len(r) == 4 and all(isinstance(v, number) for v in r)
-                        for r in partial["ranks"])):
-            raise UsageError("resume: the checkpoint's mid-epoch record is malformed; it is corrupt or not ours")
-        if partial and len(partial["ranks"]) != self.world:
-            raise UsageError(f"resume: the checkpoint was saved mid-epoch by {len(partial['ranks'])} process(es); "
-                             f"resume it with the same number of processes")
-        if partial and partial["step"] >= self.steps_per_epoch:
-            raise UsageError(f"resume: the checkpoint was saved after step {partial['step']} of an epoch, but an "
-                             f"epoch now has {self.steps_per_epoch} steps (other data or batch size?)")
+        _check_partial(partial, self.world, self.steps_per_epoch)
 
     def save_checkpoint(self, epoch, partial=None):
         state = self.state(epoch, partial)
