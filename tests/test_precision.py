@@ -159,3 +159,24 @@ def test_runner_fp16_records_scale_and_resumes_bit_exactly(tmp_path, monkeypatch
     strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rs]
     assert strip(rows(part)) == strip(full)
     assert json.load(open(part / "summary.json"))["status"] == "completed"
+
+
+def test_readme_fp16_pattern_with_amp_directly():
+    """The README's own-loop pattern: AMP from amp.py, a hand-written closure, LossScaler."""
+    from amp import AMP
+    model = tiny_net()
+    optimizer = AMP(model.parameters(), lr=0.1, epsilon=0.5, inner_lr=1, inner_iter=1,
+                    base_optimizer=torch.optim.SGD, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    scaler = LossScaler(optimizer, [p for p in model.parameters() if p.requires_grad])
+    inputs, targets = batches(0)[0]
+    losses = []
+    for _ in range(15):
+        def closure():
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                outputs = model(inputs)
+                loss = nn.functional.cross_entropy(outputs, targets)
+            scaler.backward(loss)
+            return outputs, loss
+        losses.append(optimizer.step(closure)[1].item())
+    assert losses[-1] < 0.6 * losses[0] and scaler.skipped == 0
