@@ -1,0 +1,50 @@
+"""Load a finished (or stopped) run for analysis: its Config and its model with the last weights.
+
+    from runner.loading import load_run          # or: from runner import load_run
+    model, cfg = load_run("runs/quickstart")      # eval mode, on the CPU
+    x, y = load_data(cfg)                         # the run's own data, as uint8 tensors
+
+The model comes from the run's `checkpoint.pt` (checked like a resume: a foreign or edited file
+is one UsageError) and is built with the run's own `models.build_model` arguments, so nothing has
+to be guessed. Nothing in the run folder is changed.
+"""
+from __future__ import annotations
+
+import os
+
+from runner.config import Config, UsageError
+from runner.records import check_checkpoint, load_checkpoint
+
+
+def read_checkpoint(run_dir: str):
+    """(checkpoint dict, its Config) of run folder `run_dir`, or UsageError with one line."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir!r} is not a run folder")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir!r} has no checkpoint.pt (the run saved nothing yet)")
+    ckpt = load_checkpoint(path)
+    return ckpt, check_checkpoint(ckpt, path)
+
+
+def load_run(run_dir: str, device="cpu"):
+    """(model, cfg): the run's model with the weights of its last checkpoint, in eval mode on
+    `device`, and its Config (the one saved in the checkpoint, i.e. what actually ran)."""
+    import torch
+    import data_utils
+    import models
+    ckpt, cfg = read_checkpoint(run_dir)
+    info = data_utils.DATASETS[cfg.dataset]
+    model = models.build_model(cfg.model, info.num_classes, info.channels, dropout=cfg.dropout)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{run_dir}: checkpoint does not fit model {cfg.model} ({str(e).splitlines()[0][:200]})") from None
+    return model.to(torch.device(device)).eval(), cfg
+
+
+def load_data(cfg: Config, train: bool = False):
+    """The run's own data set (its train_size/test_size subset) as uint8 images and int64 labels."""
+    import data_utils
+    size = cfg.train_size if train else cfg.test_size
+    return data_utils.load_dataset(cfg.dataset, cfg.data_dir, train, False, size, cfg.seed)
