@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 
@@ -105,7 +106,8 @@ def _fashion_mnist(data_dir: str, train: bool, download: bool):
             return x, y
     from torchvision import datasets
     try:  # torchvision's layout: data_dir/FashionMNIST/raw/
-        ds = datasets.FashionMNIST(data_dir, train=train, download=download)
+        with _UndoOnFailure(data_dir):
+            ds = datasets.FashionMNIST(data_dir, train=train, download=download)
     except (RuntimeError, OSError) as e:  # OSError: urllib's URLError, ConnectionError
         if isinstance(e, OSError) and not download:
             raise
@@ -115,14 +117,50 @@ def _fashion_mnist(data_dir: str, train: bool, download: bool):
     return ds.data.unsqueeze(1).clone(), ds.targets.clone().long()
 
 
+class _UndoOnFailure:
+    """Context manager: when the block raises, remove what it created under `folder` (the folder
+    itself and missing parents too, if it did not exist): a failed download leaves nothing behind."""
+
+    def __init__(self, folder: str):
+        path = os.path.abspath(folder)
+        self.first_missing = None  # the topmost folder that does not exist yet
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            self.first_missing, path = path, os.path.dirname(path)
+        self.folder, self.before = os.path.abspath(folder), self._entries(folder)
+
+    @staticmethod
+    def _entries(top):
+        found = set()
+        for where, dirs, files in os.walk(top):
+            found.update(os.path.join(os.path.abspath(where), name) for name in dirs + files)
+        return found
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is None:
+            return False
+        if self.first_missing is not None:
+            shutil.rmtree(self.first_missing, ignore_errors=True)
+        else:
+            for path in sorted(self._entries(self.folder) - self.before, key=len, reverse=True):
+                try:
+                    os.rmdir(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+                except OSError:
+                    pass
+        return False
+
+
 def _torchvision(dataset: str, data_dir: str, train: bool, download: bool):
     from torchvision import datasets
     try:
-        if dataset == "svhn":  # core training set only, as in the AMP code
-            ds = datasets.SVHN(data_dir, split="train" if train else "test", download=download)
-            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
-        cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
-        ds = cls(data_dir, train=train, download=download)
+        with _UndoOnFailure(data_dir):
+            if dataset == "svhn":  # core training set only, as in the AMP code
+                ds = datasets.SVHN(data_dir, split="train" if train else "test", download=download)
+                return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
+            cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+            ds = cls(data_dir, train=train, download=download)
     except (RuntimeError, OSError) as e:  # OSError: urllib's URLError, ConnectionError
         if isinstance(e, OSError) and not download:
             raise

@@ -13,60 +13,109 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
 
 from runner.config import EXIT_RUNTIME, EXIT_USAGE, Config, UsageError, _parser, check_launch, parse_config
-from runner.records import RunLog, finished, git_commit, make_run_dir, resume_config, write_summary, write_text
-from runner.training import STOP, Diverged, Trainer
+from runner import rundir
+from runner.records import RunLog, finished, git_commit, resume_config, write_summary, write_text
+from runner.training import STOP, Diverged, SaveFailed, Trainer, init_distributed
+
+
+def _decide_folder(cfg: Config):
+    """Rank 0's decision on the run folder, taking its lock: ("resume", dir), ("new", dir) for a
+    locked empty folder to start in, ("new", None) for a folder to create once the run is built,
+    or ("error", message)."""
+    try:
+        if cfg.resume:
+            if not os.path.isdir(cfg.resume):
+                raise UsageError(f"resume: {cfg.resume!r} is not a run folder")
+            rundir.lock(cfg.resume)
+            return "resume", cfg.resume
+        path = os.path.join(cfg.out_dir, rundir.default_name(cfg))
+        if cfg.on_existing != "resume" or not os.path.isdir(path):
+            return "new", None
+        rundir.lock(path)  # (a live run of this row: "in use", exit 2)
+        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
+            return "resume", path
+        if rundir.holds_only_lock(path):
+            return "new", path
+        aside = rundir.set_aside(path)
+        print(f"{path} stopped before its first checkpoint; kept as {aside}, starting it again", file=sys.stderr)
+        return "new", None
+    except UsageError as e:
+        return "error", str(e)
+
+
+def open_run(cfg: Config, explicit: set):
+    """(cfg, checkpoint or None, run folder or None (created after the run is built), or a message
+    when there is nothing to do). Rank 0 takes the folder's lock and decides; under torchrun the
+    other ranks learn its decision."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        decision = _decide_folder(cfg)
+    else:  # (with --resume every rank knows the folder; a refused lock stops rank 0 and torchrun the rest)
+        decision = ("resume", cfg.resume) if cfg.resume else ("new", None)
+    if world > 1 and cfg.on_existing == "resume" and not cfg.resume:  # only rank 0 knows what to do
+        import torch.distributed as dist
+        init_distributed(cfg)
+        box = [decision]
+        dist.broadcast_object_list(box, 0)
+        decision = box[0]
+    action, where = decision
+    if action == "error":
+        raise UsageError(where)
+    if action == "new":
+        return cfg, None, where, None
+    whole = not cfg.resume  # a recipe's row: every setting must be the saved one
+    cfg, ckpt = resume_config(cfg, explicit, where, whole=whole)
+    if ckpt["epoch"] == cfg.epochs and "partial" not in ckpt and finished(where):
+        return cfg, ckpt, where, f"{where} has finished all {cfg.epochs} epochs; nothing to resume (its records are unchanged)"
+    if whole and finished(where, "diverged"):
+        return cfg, ckpt, where, f"{where} diverged (see its summary.json); not resumed, it would diverge again"
+    return cfg, ckpt, where, None
+
+
+def write_start_records(cfg: Config, run_dir, argv, trainer, world, new):
+    """config.yaml (what runs: rewritten on resume, with any device/data_dir change), command.txt
+    and git_commit.txt (new runs), metrics.jsonl = the checkpoint's history (drops rows of an epoch
+    that was not saved)."""
+    import yaml
+    write_text(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if new:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        launcher = ["python"] if world == 1 else ["torchrun", "--nnodes", str(world // local), "--nproc_per_node", str(local)]
+        write_text(os.path.join(run_dir, "command.txt"), shlex.join([*launcher, "main.py", *argv]) + "\n")
+        write_text(os.path.join(run_dir, "git_commit.txt"), git_commit() + "\n")
+    write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in trainer.history))
 
 
 def train(cfg: Config, explicit: set, argv) -> int:
     import torch
     from tqdm import tqdm
-    ckpt = None
-    if cfg.resume:
-        cfg, ckpt, run_dir = resume_config(cfg, explicit)
-        if ckpt["epoch"] == cfg.epochs and "partial" not in ckpt and finished(run_dir):
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{run_dir} has finished all {cfg.epochs} epochs; nothing to resume (its records are unchanged)")
-            return 0
-    check_launch(cfg, explicit)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    missing = []  # out_dir and its ancestors that do not exist yet (removed again if nothing is written)
-    path = os.path.abspath(cfg.out_dir)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    if world > 1:
-        run_dir = run_dir if cfg.resume else None
-    else:
-        run_dir = cfg.resume or make_run_dir(cfg)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, run_dir or "", ckpt)
-        if world > 1:  # rank 0 creates the folder, everyone learns its name
+    check_launch(cfg, explicit)
+    cfg, ckpt, run_dir, nothing_to_do = open_run(cfg, explicit)
+    if nothing_to_do:
+        if rank0:
+            print(nothing_to_do)
+        return 0
+    check_launch(cfg, explicit)
+    trainer = Trainer(cfg, run_dir or "", ckpt)  # bad values and data are refused before any folder exists
+    if run_dir is None:  # rank 0 creates the folder, everyone learns its name
+        run_dir = rundir.make_run_dir(cfg, exact=cfg.on_existing == "resume") if rank0 else None
+        if world > 1:
             import torch.distributed as dist
-            box = [run_dir or (make_run_dir(cfg) if rank0 else None)]
+            box = [run_dir]
             dist.broadcast_object_list(box, 0)
-            run_dir = trainer.run_dir = box[0]
-    except BaseException:
-        if not cfg.resume and run_dir and rank0 and not os.listdir(run_dir):
-            os.rmdir(run_dir)  # nothing written: leave nothing behind
-            for folder in missing:
-                if os.path.isdir(folder) and not os.listdir(folder):
-                    os.rmdir(folder)
-        raise
+            run_dir = box[0]
+        trainer.run_dir = run_dir
     log = RunLog(run_dir, rank0)
-    if not cfg.resume and rank0:
-        import yaml
-        write_text(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        write_text(os.path.join(run_dir, "command.txt"), " ".join(["python", "main.py", *argv]) + "\n")
-        write_text(os.path.join(run_dir, "git_commit.txt"), git_commit() + "\n")
-    if rank0:  # metrics.jsonl = history of the checkpoint (drops rows of an epoch that was not saved)
-        write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in trainer.history))
+    if rank0:
+        write_start_records(cfg, run_dir, argv, trainer, world, new=ckpt is None)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} {cfg.model} "
              f"({n_params:,} params) {cfg.optimizer} on {trainer.device}"
@@ -136,6 +185,9 @@ def train(cfg: Config, explicit: set, argv) -> int:
             message = f"stopped by signal {signum}; saved after {saved_at()}; resume with --resume {run_dir}"
     except Diverged as e:
         status, message, code = "diverged", f"{e}; last good checkpoint: {saved_at()}", EXIT_RUNTIME
+    except SaveFailed as e:  # disk full or failing: stop here, the last checkpoint stays as it was
+        status, code = "failed", EXIT_RUNTIME
+        message = f"{e}; the last checkpoint ({saved_at()}) is intact: make room, then --resume {run_dir}"
     except KeyboardInterrupt:  # a second signal (or Ctrl-C) while a step ran: no agreement, no save
         status, code = "interrupted", 128 + (STOP.hard or signal.SIGINT)
         message = f"interrupted; last checkpoint: {saved_at()}" + (f"; resume with --resume {run_dir}" if saved else "")
@@ -143,8 +195,11 @@ def train(cfg: Config, explicit: set, argv) -> int:
         STOP.escalate = False  # from here on, signals wait for the records to be written
         progress.close()
     if rank0:
-        write_summary(run_dir, cfg, trainer.history, status, message, train_time, images_total,
-                      trainer.wall_time())
+        try:
+            write_summary(run_dir, cfg, trainer.history, status, message, train_time, images_total,
+                          trainer.wall_time(), world, trainer.rwp_mode)
+        except OSError as e:
+            message += f"; summary.json could not be written either ({e.strerror})"
     if message:
         log.line(message, err=code != 0)
     if status == "completed":
@@ -157,7 +212,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
                  f"(best-epoch error is picked on the test set)" if best else "no evaluation")
     if world > 1:
         import torch.distributed as dist
-        if not STOP.hard:  # the ranks agreed on the outcome: leave together, after rank 0 wrote
+        if not STOP.hard and status != "failed":  # the ranks agreed on the outcome: leave together, after rank 0 wrote
             dist.barrier()           # (torchrun stops the others as soon as one rank exits non-zero)
         dist.destroy_process_group()
     return code
@@ -171,6 +226,10 @@ def main(argv=None) -> int:
     try:
         cfg, explicit = parse_config(argv)
         return train(cfg, explicit, argv)
+    except KeyboardInterrupt:  # Ctrl-C before training began (in a step, train() saves and returns)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print("main.py: interrupted while starting; no checkpoint was written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         from data_utils import DataError
         if not isinstance(e, (UsageError, DataError)):
@@ -178,7 +237,12 @@ def main(argv=None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under torchrun every rank finds it; one per node says it
             print(f"main.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        rundir.release()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (while Python imported the modules above)
+        sys.exit(128 + signal.SIGINT)

@@ -4,7 +4,8 @@
 
 Each argument is a run folder (one with `config.yaml`, as `main.py` writes), a folder holding run
 folders (searched recursively), or a glob of either; no argument means `runs`. Runs are grouped
-by their resolved `config.yaml`, ignoring the fields that do not change results (below). For each
+by their resolved `config.yaml`, ignoring the fields that do not change results (below), and by
+their process count (`world_size` in summary.json: the global batch and RWP's mode depend on it). For each
 group the Markdown table on stdout gives
 
   n                           completed runs (seeds) in the group
@@ -18,12 +19,14 @@ group the Markdown table on stdout gives
 The group is named by dataset, model, optimizer and a `setting` column holding the fields whose
 values differ between the groups shown, where not at the runner's default (main.py --help).
 Runs that did not complete (no `summary.json`: still running or crashed; or status interrupted /
-diverged) are listed in a second table with their status and epochs, and never averaged.
+diverged / failed) are listed in a second table with their status and epochs, and never averaged;
+so are malformed folders (a summary.json or metrics.jsonl in a form main.py does not write), with
+the reason. A torn last line of metrics.jsonl (a write cut short) is dropped with a note.
 `--plot` draws test error and training loss against epoch, one line per group (mean over its
 completed seeds) with a band spanning min–max over the seeds.
 
 Grouping ignores:
-  - always: seed, name, out_dir, resume, device, workers, eval_batch_size, compile, channels_last
+  - always: seed, name, out_dir, resume, on_existing, device, workers, eval_batch_size, compile, channels_last
     (main.py lets these change on --resume), data_dir, download (where the data comes from), and
     paper_ref / paper_error / paper_spread (labels, taken from the runs);
   - fields that the run's other settings switch off: the AMP fields unless optimizer is amp, the
@@ -47,7 +50,7 @@ import sys
 
 from runner.records import output_problem
 
-IGNORED = {"seed", "name", "out_dir", "resume", "device", "workers", "eval_batch_size", "compile",
+IGNORED = {"seed", "name", "out_dir", "resume", "on_existing", "device", "workers", "eval_batch_size", "compile",
            "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread"}
 _AMP = ("epsilon", "inner_lr", "inner_iter", "amp_ball")
 _RWP = ("gamma", "alpha", "arwp", "gamma_final")
@@ -88,9 +91,9 @@ class Run:
 
     def __init__(self, path):
         import yaml
-        self.path, self.config, self.summary, self.rows, self.problem = path, None, None, [], ""
+        self.path, self.config, self.summary, self.rows, self.problem, self.note = path, None, None, [], "", ""
         try:
-            with open(os.path.join(path, "config.yaml")) as f:
+            with open(os.path.join(path, "config.yaml"), "rb") as f:
                 self.config = yaml.safe_load(f)
             if not isinstance(self.config, dict):
                 raise ValueError("config.yaml is not a mapping")
@@ -98,12 +101,15 @@ class Run:
             if os.path.isfile(summary):
                 with open(summary) as f:
                     self.summary = json.load(f)
+                _check_summary(self.summary)
             metrics = os.path.join(path, "metrics.jsonl")
             if os.path.isfile(metrics):
                 with open(metrics) as f:
-                    self.rows = [json.loads(line) for line in f if line.strip()]
+                    self.rows, self.note = _read_rows(f.read().splitlines())
         except (OSError, ValueError, yaml.YAMLError) as e:
-            self.problem = f"unreadable ({type(e).__name__})"
+            reason = str(e) if isinstance(e, _Malformed) else type(e).__name__
+            self.problem = f"unreadable ({reason})"
+            self.summary, self.rows = None, []
 
     @property
     def status(self) -> str:
@@ -130,10 +136,51 @@ class Run:
         return max((self.summary or {}).get("epochs_completed") or 0, len(self.rows))
 
     def key(self):
-        """The config without the fields that do not change results (module docstring)."""
+        """The config without the fields that do not change results (module docstring), plus the
+        process count (summary.json's world_size; 1 for runs from before it was recorded)."""
         c = self.config
-        return {k: v for k, v in c.items()
-                if k not in IGNORED and (k not in RELEVANT_IF or RELEVANT_IF[k](c))}
+        key = {k: v for k, v in c.items() if k not in IGNORED and (k not in RELEVANT_IF or RELEVANT_IF[k](c))}
+        key["world_size"] = (self.summary or {}).get("world_size") or 1
+        return key
+
+
+class _Malformed(ValueError):
+    """A run record in a form main.py does not write; the message says which part."""
+
+
+def _is_number(v, optional=False):
+    return (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check_summary(summary):
+    if not isinstance(summary, dict):
+        raise _Malformed(f"summary.json is a {type(summary).__name__}, not an object")
+    completed = summary.get("status") == "completed"
+    for field in ("final_test_error", "best_test_error"):
+        if not _is_number(summary.get(field), optional=not completed):
+            raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
+    for field in ("epochs_completed", "world_size"):
+        if not _is_number(summary.get(field), optional=True):
+            raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
+
+
+def _read_rows(lines):
+    """metrics.jsonl rows, and a note. A torn last line (a run killed while appending) is dropped
+    with a note (summary.json holds the final numbers); any other bad line makes the folder malformed."""
+    rows, note = [], ""
+    lines = [line for line in lines if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                note = "metrics.jsonl: its torn last line (a write cut short) was ignored"
+                break
+            raise _Malformed(f"metrics.jsonl line {i + 1} is not JSON") from None
+        if not isinstance(row, dict) or not _is_number(row.get("epoch")):
+            raise _Malformed(f"metrics.jsonl line {i + 1} is not a row of epoch metrics")
+        rows.append(row)
+    return rows, note
 
 
 def find_run_dirs(patterns):
@@ -252,7 +299,7 @@ def summarize(runs):
     others = [{"run": r.path, "seed": r.seed, "status": r.status, "epochs_completed": r.epochs_completed,
                "epochs": (r.config or {}).get("epochs"),
                "last_test_error": next((row["test_error"] for row in reversed(r.rows)
-                                        if row.get("test_error") is not None), None),
+                                        if _is_number(row.get("test_error"))), None),
                "message": (r.summary or {}).get("message", "")}
               for r in runs if not r.completed]
     return out, others
@@ -282,8 +329,11 @@ def markdown(groups, others) -> str:
         lines += ["", NOTE]
     else:
         lines.append("No completed runs.")
+    notes = [f"- {r.path}: {r.note}" for g in groups for r in g["_runs"] if r.note]
+    if notes:
+        lines += ["", "Notes:", *notes]
     if others:
-        lines += ["", "Not averaged (unfinished, interrupted, diverged or crashed):", "",
+        lines += ["", "Not averaged (unfinished, interrupted, diverged, failed, crashed or malformed):", "",
                   "| run | seed | status | epochs | last test error % |", "|---|---:|---|---:|---:|"]
         for o in others:
             last = "–" if o["last_test_error"] is None else f"{o['last_test_error']:.2f}"

@@ -9,11 +9,15 @@
 #   DRY_RUN  1 = print the commands instead of running them (same as the flag --dry-run)
 # Other arguments go to every main.py command, e.g. --data_dir /data/cifar, --download, --precision bf16.
 #
-# Run folders are OUT/<config name>_s<seed>. Re-running a recipe skips runs that finished (completed or
-# diverged: summary.json) and resumes stopped ones (checkpoint.pt, no final summary) with --resume. A run
-# stopped before its first checkpoint is started again under its name; its folder is kept as
-# <name>.failed-N (report.py lists it as unfinished, apart).
-# A failed run does not stop the others; Ctrl-C (exit 130/143) stops the recipe.
+# Run folders are OUT/<config name>_s<seed>, a fixed name per row and seed. Each run is
+#   main.py --config C --seed S --out_dir OUT --name <row>_s<seed> --on_existing resume
+# so main.py decides from the folder: none yet → a new run; a checkpoint → resume it if its settings are
+# this row's (a finished one is skipped; other settings, e.g. a smoke test with --epochs 1, are refused and
+# count as failed: that folder is never taken as the row's result); no checkpoint (stopped before its
+# first) → the folder is kept as <name>.failed-N and the run starts again. A folder that another process
+# is training (its lock is held) is reported as running and skipped, so two copies of a recipe share the
+# rows instead of running one twice.
+# A failed run does not stop the others (the recipe exits 1 at the end); Ctrl-C (exit 130/143) stops it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SEEDS=${SEEDS:-0 1 2}
@@ -35,6 +39,11 @@ run() {  # run (or, with DRY_RUN=1, print) one command
   fi
 }
 
+# running DIR: whether another process holds the run folder's lock (it is training there now).
+running() {
+  [[ -e $1/.lock ]] && ! python -c 'import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH | fcntl.LOCK_NB)' "$1/.lock" 2>/dev/null
+}
+
 # run_configs LAUNCHER CONFIG... : every seed of SEEDS x every config, seed-major (a whole table with
 # n = 1 comes first). LAUNCHER is split into words ("torchrun --nproc_per_node 2").
 run_configs() {
@@ -44,25 +53,18 @@ run_configs() {
       stem=$(basename "$config" .yaml)
       [[ -z $ONLY || $stem == *"$ONLY"* ]] || continue
       dir=$OUT/${stem}_s$seed
-      code=0
-      if [[ -f $dir/summary.json ]] && ! grep -q '"status": "interrupted"' "$dir/summary.json"; then
-        echo "# $dir has finished; skipped" >&2
+      if running "$dir"; then
+        echo "# $dir is running in another process; skipped" >&2
         continue
-      elif [[ -f $dir/checkpoint.pt ]]; then
-        run $launch main.py --resume "$dir" "${EXTRA[@]}" || code=$?
-      else
-        if [[ -d $dir ]]; then  # stopped before its first checkpoint: nothing to resume, keep its log
-          local n=1; while [[ -e $dir.failed-$n ]]; do n=$((n + 1)); done
-          echo "# $dir stopped before its first checkpoint; kept as $dir.failed-$n, starting it again" >&2
-          run mv "$dir" "$dir.failed-$n"
-        fi
-        run $launch main.py --config "$config" --seed "$seed" --out_dir "$OUT" --name "${stem}_s$seed" \
-          "${EXTRA[@]}" || code=$?
       fi
+      code=0
+      run $launch main.py --config "$config" --seed "$seed" --out_dir "$OUT" --name "${stem}_s$seed" \
+        --on_existing resume "${EXTRA[@]}" || code=$?
       case $code in
         0) ;;
         130|143) echo "recipe stopped (exit $code); run it again to resume" >&2; exit "$code" ;;
-        *) FAILED=$((FAILED + 1)); echo "# $dir failed (exit $code); going on" >&2 ;;
+        *) if running "$dir"; then echo "# $dir is running in another process; skipped" >&2; continue; fi
+           FAILED=$((FAILED + 1)); echo "# $dir failed (exit $code); going on" >&2 ;;
       esac
     done
   done

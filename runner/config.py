@@ -81,6 +81,7 @@ class Config:
     out_dir: str = "runs"             # parent folder of run folders
     name: str = ""                    # run folder name ('' = dataset_model_optimizer_sSEED)
     resume: str = ""                  # run folder to continue
+    on_existing: str = "new"          # out_dir/name exists: new (a new folder name-1, ...) | resume (continue it if its settings are these)
     # the paper's number this config reproduces (for the log and report.py)
     paper_ref: str = ""               # "source, table, row"
     paper_error: typing.Optional[float] = None   # % test error
@@ -97,6 +98,7 @@ CHOICES = {
     "bn_update": ("auto", "all", "clean"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
+    "on_existing": ("new", "resume"),
 }
 # (field, low, high, low inclusive): numeric ranges; None = unbounded.
 RANGES = [
@@ -115,7 +117,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Fields that may differ when resuming a run: they do not change what is computed (device,
 # channels_last and compile change the floating-point rounding: bit-exact resumes need the same).
 RESUME_MAY_CHANGE = {"device", "workers", "resume", "eval_batch_size", "compile", "channels_last",
-                     "data_dir", "download"}
+                     "data_dir", "download", "on_existing"}
+INT_MAX = 2 ** 31 - 1  # no integer setting goes beyond this (sizes, counts, epochs)
 # Fields a flag may change without changing the setting a config's paper number belongs to.
 PAPER_SETTING_KEPT = RESUME_MAY_CHANGE | {"seed", "name", "out_dir", "precision", "eval_every"}
 
@@ -183,6 +186,11 @@ def _validate(cfg: Config):
         if bad or (isinstance(v, float) and not math.isfinite(v)):
             lo = f"{'≥' if low_inclusive else '>'} {low}"
             raise UsageError(f"{name}: {v} is out of range (must be {lo}" + (f" and ≤ {high})" if high is not None else ")"))
+    for name, f in FIELDS.items():
+        v = getattr(cfg, name)
+        values = v if isinstance(v, list) else [v]
+        if name != "seed" and any(type(x) is int and abs(x) > INT_MAX for x in values):
+            raise UsageError(f"{name}: {v} is out of range (at most {INT_MAX})")
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
         raise UsageError(f"milestones: {cfg.milestones} must be non-negative epochs in increasing order")
     from data_utils import DATASETS
@@ -197,8 +205,12 @@ def _validate(cfg: Config):
                          f"got {cfg.crop_padding}")
     if cfg.augment and cfg.crop_padding > size:
         raise UsageError(f"crop_padding: at most the image size ({size} pixels), got {cfg.crop_padding}")
+    if not all(math.isfinite(v) for v in cfg.mean + cfg.std):
+        raise UsageError(f"{'mean' if not all(map(math.isfinite, cfg.mean)) else 'std'}: values must be finite numbers")
     if cfg.std and min(cfg.std) <= 0:
         raise UsageError(f"std: values must be > 0, got {cfg.std}")
+    if cfg.cutout and cfg.cutout_size > size:
+        raise UsageError(f"cutout_size: at most the image size ({size} pixels), got {cfg.cutout_size}")
     import models
     import torch
     try:  # on the meta device: checks name and arguments without allocating anything
@@ -206,8 +218,10 @@ def _validate(cfg: Config):
             models.build_model(cfg.model, DATASETS[cfg.dataset].num_classes, channels, dropout=cfg.dropout)
     except ValueError as e:
         raise UsageError(f"model: {e}") from None
-    if cfg.name and (os.sep in cfg.name or cfg.name in (".", "..")):
-        raise UsageError(f"name: {cfg.name!r} must be a plain folder name")
+    if cfg.name and (os.sep in cfg.name or cfg.name in (".", "..") or cfg.name.startswith(".")):
+        raise UsageError(f"name: {cfg.name!r} must be a plain folder name (not starting with '.')")
+    if len(cfg.name.encode()) > 240:
+        raise UsageError(f"name: {cfg.name[:40]!r}... is too long ({len(cfg.name.encode())} bytes; at most 240)")
 
 
 def check_launch(cfg: Config, explicit: set):
@@ -223,14 +237,48 @@ def check_launch(cfg: Config, explicit: set):
                          "the Debian package's /usr/share/datasets/fashion-mnist)")
 
 
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise UsageError(f"config: key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                     f"keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return Loader
+
+
+def _read_text(path):
+    """The text of a config file (a pipe such as /dev/stdin too): UTF-8, or UTF-16 with its BOM."""
+    if os.path.isdir(path):
+        raise UsageError(f"config: {path!r} is a folder, not a YAML file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"config: {path!r} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"config: cannot read {path!r} ({e.strerror})") from None
+    try:
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return raw.decode("utf-16")
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config: {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         f"save it as UTF-8") from None
+
+
 def _load_yaml(path):
     import yaml
-    if not os.path.isfile(path):
-        what = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
-        raise UsageError(f"config: {path!r} {what}")
+    text = _read_text(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        data = yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,27 +62,6 @@ def output_problem(path: str):
     return None
 
 
-def make_run_dir(cfg: Config) -> str:
-    """Create a new run folder; never reuse one (name, name-1, name-2, ... — atomic mkdir)."""
-    base = cfg.name or f"{cfg.dataset}_{cfg.model}_{cfg.optimizer}_s{cfg.seed}"
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"out_dir: cannot create {cfg.out_dir!r} ({e.strerror})") from None
-    if not os.access(cfg.out_dir, os.W_OK):
-        raise UsageError(f"out_dir: {cfg.out_dir!r} is not writable; choose another with --out_dir")
-    for i in range(1000):
-        path = os.path.join(cfg.out_dir, base if i == 0 else f"{base}-{i}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise UsageError(f"out_dir: cannot create {path!r} ({e.strerror})") from None
-    raise UsageError(f"name: too many runs named {base!r} in {cfg.out_dir!r}")
-
-
 def load_checkpoint(path: str):
     import torch
     try:
@@ -112,14 +92,21 @@ def check_checkpoint(ckpt, path) -> Config:
     if not (type(epoch) is int and 0 <= epoch <= saved.epochs and rows_ok and len(history) == epoch
             and all(isinstance(ckpt[k], dict) for k in ("model", "optimizer", "scheduler", "rng"))
             and torch.is_tensor(ckpt["rng"].get("cpu")) and ckpt["rng"]["cpu"].dtype == torch.uint8
-            and isinstance(ckpt.get("wall_time_s", 0.0), number)):
+            and isinstance(ckpt.get("wall_time_s", 0.0), number)
+            and type(ckpt.get("world_size", 1)) is int and ckpt.get("world_size", 1) >= 1):
         raise foreign
     return saved
 
 
-def resume_config(cfg: Config, explicit: set):
-    """The saved Config of run folder cfg.resume; explicit settings must agree with it."""
-    run_dir = cfg.resume
+# Fields that name a run rather than what it computes (a recipe's row compares the rest).
+NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error", "paper_spread"}
+
+
+def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False):
+    """(saved Config, checkpoint) of run folder `run_dir`. The settings given now must agree with
+    the saved ones: the explicit ones (`--resume DIR --lr 0.1`), or with `whole` every setting
+    (a recipe's row: `--on_existing resume`). The process count must be the one that trained it,
+    and the folder's config.yaml must still say what ran."""
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isdir(run_dir):
         raise UsageError(f"resume: {run_dir!r} is not a run folder")
@@ -127,27 +114,66 @@ def resume_config(cfg: Config, explicit: set):
         raise UsageError(f"resume: {run_dir!r} has no checkpoint.pt (nothing to resume; start a new run)")
     ckpt = load_checkpoint(ckpt_path)
     saved = check_checkpoint(ckpt, ckpt_path)
-    for name in sorted(explicit - RESUME_MAY_CHANGE):
+    if whole:
+        differ = [f"{k}={getattr(saved, k)!r} there, {getattr(cfg, k)!r} here" for k in FIELDS
+                  if k not in RESUME_MAY_CHANGE | NAMING and getattr(saved, k) != getattr(cfg, k)]
+        if differ:
+            raise UsageError(f"{run_dir} holds a run with other settings ({'; '.join(differ)}), so it is not "
+                             f"this run's result; nothing was run into it: move it away, or continue it with "
+                             f"--resume {run_dir}")
+    for name in sorted(explicit - RESUME_MAY_CHANGE - (NAMING if whole else set())):
         if getattr(saved, name) != getattr(cfg, name):
             raise UsageError(f"resume: {run_dir} was run with {name}={getattr(saved, name)!r}, not "
                              f"{getattr(cfg, name)!r}; drop that setting or start a new run")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ckpt.get("world_size", world) != world:
+        n = ckpt["world_size"]
+        how = f"torchrun --nproc_per_node {n} main.py" if n > 1 else "python main.py"
+        raise UsageError(f"resume: {run_dir} was trained by {n} process(es) and continues only with {n} "
+                         f"(the global batch and RWP's mode depend on it): {how} --resume {run_dir}")
+    _check_config_file(run_dir, saved)
     for name in RESUME_MAY_CHANGE & explicit:
         setattr(saved, name, getattr(cfg, name))
     saved.resume = run_dir
-    return saved, ckpt, run_dir
+    return saved, ckpt
 
 
-def finished(run_dir) -> bool:
-    """Whether the run folder's summary.json says the run completed (it is written last: a run
-    killed after its final checkpoint but before the summary is not finished)."""
+def _check_config_file(run_dir, saved: Config):
+    """The folder's config.yaml must agree with the checkpoint's config (what ran and what a resume
+    continues); a missing or unreadable one is rewritten by the resume."""
+    import yaml
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), "rb") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(data, dict):
+        return
+    for k, v in data.items():
+        if k in FIELDS and k not in RESUME_MAY_CHANGE | {"resume"}:
+            try:
+                same = _coerce(k, v) == getattr(saved, k)
+            except UsageError:
+                same = False
+            if not same:
+                raise UsageError(f"resume: {run_dir}/config.yaml was edited ({k}: {v!r} there, {getattr(saved, k)!r} "
+                                 f"in checkpoint.pt, which is what ran and what a resume continues); undo the edit, "
+                                 f"or start a new run with that setting")
+
+
+def finished(run_dir, status="completed") -> bool:
+    """Whether the run folder's summary.json says the run ended with `status` (it is written last:
+    a run killed after its final checkpoint but before the summary is not finished)."""
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f).get("status") == "completed"
+            return json.load(f).get("status") == status
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def write_summary(run_dir, cfg, history, status, message, train_time, images, wall):
+def write_summary(run_dir, cfg, history, status, message, train_time, images, wall, world=1, rwp_mode=None):
+    """summary.json: status (completed, diverged, interrupted, failed), final and best test error,
+    time, and how the run was launched (process count; RWP's parallel or sequential mode)."""
     tested = [r for r in history if r["test_error"] is not None]
     best = min(tested, key=lambda r: r["test_error"]) if tested else None
     summary = {
@@ -159,26 +185,49 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
         "epochs_completed": len(history), "epochs": cfg.epochs,
         "wall_time_s": round(wall, 3), "train_time_s": round(train_time, 3),
         "images_per_s": round(images / train_time, 1) if train_time > 0 else None,
+        "world_size": world, **({"rwp_mode": rwp_mode} if rwp_mode else {}),
         "paper_ref": cfg.paper_ref, "paper_error": cfg.paper_error, "paper_spread": cfg.paper_spread,
     }
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
 
+def write_error(path: str, error: Exception, needed: int) -> str:
+    """One line for a failed write of about `needed` bytes to `path` (disk full, quota, I/O error)."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:120]
+    try:
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        space = f"; it needs about {needed / 2**20:.1f} MB and {free / 2**20:.1f} MB are free there"
+    except OSError:
+        space = ""
+    return f"cannot write {path} ({reason}){space}"
+
+
 class RunLog:
-    """Human lines to stdout and log.txt, one JSON row per epoch to metrics.jsonl (rank 0 only)."""
+    """Human lines to stdout and log.txt, one JSON row per epoch to metrics.jsonl (rank 0 only).
+    A failed append (disk full) is said once on stderr and does not stop the run: checkpoint.pt
+    holds the history, and metrics.jsonl is rewritten from it on resume."""
 
     def __init__(self, run_dir, active):
-        self.run_dir, self.active = run_dir, active
+        self.run_dir, self.active, self.warned = run_dir, active, False
+
+    def _append(self, name, text, sync=False):
+        path = os.path.join(self.run_dir, name)
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            if not self.warned:
+                self.warned = True
+                print(f"main.py: warning: {write_error(path, e, len(text))}", file=sys.stderr, flush=True)
 
     def line(self, text, err=False):
         if not self.active:
             return
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
-        with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
-            f.write(text + "\n")
+        self._append("log.txt", text + "\n")
 
     def metrics(self, row):
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append("metrics.jsonl", json.dumps(row) + "\n", sync=True)

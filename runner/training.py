@@ -8,11 +8,23 @@ import signal
 import time
 
 from runner.config import Config, UsageError
-from runner.records import atomic_write
+from runner.records import atomic_write, write_error
 
 
 class Diverged(Exception):
     """The training loss became NaN or inf."""
+
+
+class SaveFailed(Exception):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is intact."""
+
+
+def init_distributed(cfg: Config):
+    """Under torchrun (WORLD_SIZE > 1): the process group, NCCL on CUDA and gloo on CPU."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def build_optimizer(cfg: Config, model, world_size: int, no_sync=None):
@@ -161,9 +173,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(cfg, self.local_rank)
-        cuda = self.device.type == "cuda"
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+        init_distributed(cfg)
         torch.manual_seed(cfg.seed)
 
         # data
@@ -171,6 +181,10 @@ class Trainer:
         self.info = info
         xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
         xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
+        for name, asked, have in (("train_size", cfg.train_size, len(xtr)), ("test_size", cfg.test_size, len(xte))):
+            if asked > have:
+                raise UsageError(f"{name}: {asked} is more than the {have} samples of {cfg.dataset}'s "
+                                 f"{name[:-5]} set (0 = all)")
         self.aug = build_augment(cfg, info)
         if len(xte) < self.world:
             raise UsageError(f"test_size: {len(xte)} test sample(s) cannot be split across {self.world} processes")
@@ -220,7 +234,7 @@ class Trainer:
     def state(self, epoch, partial=None):
         """Everything to continue after `epoch` epochs (and `partial`: steps of the next one)."""
         return {"format": "flat-minima-runner/1", "epoch": epoch, "config": dataclasses.asdict(self.cfg),
-                "wall_time_s": self.wall_time(),
+                "wall_time_s": self.wall_time(), "world_size": self.world,
                 **({"partial": partial} if partial else {}),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(),
@@ -253,8 +267,22 @@ class Trainer:
         _check_partial(partial, self.world, self.steps_per_epoch)
 
     def save_checkpoint(self, epoch, partial=None):
+        """Write checkpoint.pt atomically; SaveFailed (one line: which file, how much space it
+        needed) when the disk is full or failing; the previous checkpoint then stays intact."""
         state = self.state(epoch, partial)
-        atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), lambda f: self.torch.save(state, f))
+        path = os.path.join(self.run_dir, "checkpoint.pt")
+        try:
+            atomic_write(path, lambda f: self.torch.save(state, f))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+            raise SaveFailed(write_error(path, e, needed)) from None
+
+    @property
+    def rwp_mode(self):
+        """'parallel' or 'sequential' for RWP (how the two gradients were computed), else None."""
+        if self.cfg.optimizer != "rwp":
+            return None
+        return "parallel" if getattr(self.optimizer, "parallel", False) else "sequential"
 
     # -- one epoch
     def closure_for(self, batches):
@@ -379,6 +407,19 @@ class Trainer:
             dist.all_reduce(totals)
         loss, wrong, n = totals.tolist()
         return loss / n, 100.0 * wrong / n
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts, lists and tuples."""
+    import torch
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 class _Stop:

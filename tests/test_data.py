@@ -152,7 +152,13 @@ def test_failed_download_says_why_and_where_to_put_the_files(tmp_path, monkeypat
     monkeypatch.setattr(data_utils, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-package"))
     with pytest.raises(DataError, match=f"{name}: download failed \\(.*Temporary failure in name "
                                         f"resolution.*\\); put .*{where}.* by hand"):
+        load_dataset(name, str(tmp_path / "data" / "sub"), True, download=True)
+    assert not (tmp_path / "data").exists()  # the failed attempt removed the folders it created
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("kept")
+    with pytest.raises(DataError):
         load_dataset(name, str(tmp_path / "data"), True, download=True)
+    assert os.listdir(tmp_path / "data") == ["mine.txt"]  # what was there before stays
     if name == "cifar10":  # the command line: one line, exit 2
         assert main.main(["--dataset", name, "--data_dir", str(tmp_path / "data"), "--download",
                           "--model", "wrn10_1", "--out_dir", str(tmp_path / "runs")]) == 2

@@ -325,8 +325,10 @@ def test_odd_world_size_for_parallel_rwp(tmp_path, capsys, monkeypatch):
     assert main.main([*TINY, "--optimizer", "rwp", "--epochs", "1", "--out_dir", str(tmp_path / "runs"),
                       "--name", "w"]) == 0
     ckpt = torch.load(tmp_path / "runs" / "w" / "checkpoint.pt", weights_only=True)
-    ckpt["config"]["epochs"] = 2
+    ckpt["config"]["epochs"], ckpt["world_size"] = 2, 3  # (as if saved by three processes)
     torch.save(ckpt, tmp_path / "runs" / "w" / "checkpoint.pt")
+    config = tmp_path / "runs" / "w" / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1", "epochs: 2"))
     monkeypatch.setenv("WORLD_SIZE", "3")
     capsys.readouterr()
     assert main.main(["--resume", str(tmp_path / "runs" / "w")]) == 2

@@ -267,39 +267,8 @@ def test_recipe_options_launch_only_extra_args_resume(tmp_path):
     assert sum(main_argv(line)[0][0] == "torchrun" for line in lines) == 8
     only = recipe("amp_table_b", env={"DRY_RUN": "1", "ONLY": "svhn_wrn28_10", **env}).stdout.splitlines()
     assert len(only) == 7 and all("svhn_wrn28_10" in line for line in only[:-1])
-    # a finished run is skipped, a stopped one resumed
-    for stem, files in [("wrn28_10_basic_sgd", {"summary.json": '{"status": "completed"}'}),
-                        ("wrn28_10_basic_sam", {"summary.json": '{"status": "diverged"}', "checkpoint.pt": ""}),
-                        ("wrn28_10_basic_amp", {"summary.json": '{"status": "interrupted"}', "checkpoint.pt": ""}),
-                        ("wrn28_10_basic_rwp", {"checkpoint.pt": ""})]:
-        (tmp_path / f"{stem}_s0").mkdir()
-        for file, text in files.items():
-            (tmp_path / f"{stem}_s0" / file).write_text(text)
-    p = recipe("sam_fashionmnist", env={"DRY_RUN": "1", **env})
-    lines = p.stdout.splitlines()
-    assert len(lines) == 6 + 1 and "wrn28_10_basic_sgd_s0 has finished; skipped" in p.stderr
-    assert f"python main.py --resume {tmp_path}/wrn28_10_basic_amp_s0" in lines
-    assert f"python main.py --resume {tmp_path}/wrn28_10_basic_rwp_s0" in lines
-    assert not any("basic_sgd" in line or "basic_sam" in line for line in lines)
-
-
-def test_recipe_restarts_a_run_that_stopped_before_its_first_checkpoint(tmp_path):
-    """No checkpoint and no final summary: nothing to resume. The folder is kept aside (its log may
-    tell why) and the run starts again under its own name, not as name-1 beside a dead folder."""
-    log, stub = tmp_path / "calls.txt", tmp_path / "stub.sh"
-    stub.write_text(f'echo "$@" >> {log}\n')
-    runs = tmp_path / "runs"
-    env = {"LAUNCH": f"bash {stub}", "OUT": str(runs), "ONLY": "basic_sgd", "SEEDS": "0"}
-    for attempt in (1, 2):
-        dead = runs / "wrn28_10_basic_sgd_s0"
-        dead.mkdir(parents=True)
-        (dead / "log.txt").write_text(f"attempt {attempt}\n")
-        (dead / "summary.json").write_text('{"status": "interrupted"}')  # stopped before any checkpoint
-        p = recipe("sam_fashionmnist", env=env, check=False)
-        assert f"kept as {dead}.failed-{attempt}, starting it again" in p.stderr
-        assert (runs / f"wrn28_10_basic_sgd_s0.failed-{attempt}" / "log.txt").read_text() == f"attempt {attempt}\n"
-        assert not dead.exists()  # (the stub made no run folder)
-        assert f"--name wrn28_10_basic_sgd_s0 " in log.read_text().splitlines()[-1] + " "
+    # every row names its folder and lets main.py continue it (finished: skipped; other settings: refused)
+    assert all(main_argv(line)[1][-4:-2] == ["--on_existing", "resume"] for line in lines)
 
 
 def test_recipe_goes_on_after_a_failed_run_and_stops_on_ctrl_c(tmp_path):
@@ -315,3 +284,33 @@ def test_recipe_goes_on_after_a_failed_run_and_stops_on_ctrl_c(tmp_path):
     log.unlink()
     p = recipe("sam_fashionmnist", env={"SEEDS": "0", **{**env, "ONLY": "cutout"}}, check=False)
     assert p.returncode == 130 and len(log.read_text().splitlines()) == 3  # amp, rwp, then sam stops it
+
+
+# ----------------------------------------------------------------------------- malformed folders
+
+@pytest.mark.parametrize("file,text,reason", [
+    ("summary.json", "[1, 2]", "summary.json is a list, not an object"),
+    ("summary.json", '{"status": "completed", "final_test_error": "5.0", "best_test_error": 4.0}',
+     "summary.json: final_test_error is '5.0', not a number"),
+    ("summary.json", '{"status": "completed", "final_test_error": null, "best_test_error": 4.0}',
+     "summary.json: final_test_error is None, not a number"),
+    ("metrics.jsonl", '{"epoch": 1, "test_error": 5}\n[1, 2]\n{"epoch": 2}\n', "metrics.jsonl line 2 is not a row"),
+])
+def test_a_malformed_run_folder_is_listed_apart_and_the_rest_reported(runs, tmp_path, capsys, file, text, reason):
+    bad = tmp_path / "bad"
+    shutil.copytree(runs / "b" / "b_s0", bad)
+    (bad / file).write_text(text)
+    assert report.main([str(runs / "a"), str(bad)]) == 0
+    out = capsys.readouterr().out
+    assert "| fashionmnist | wrn10_1 | sgd | 3 |" in out  # config A's group is still reported
+    assert f"| {bad} | 0 | unreadable ({reason}" in out, out
+
+
+def test_a_torn_last_metrics_line_of_a_completed_run_is_averaged_with_a_note(runs, tmp_path, capsys):
+    for s in (0, 1):
+        shutil.copytree(runs / "b" / f"b_s{s}", tmp_path / f"b_s{s}")
+    with open(tmp_path / "b_s1" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| sgd | 2 |" in out and f"- {tmp_path / 'b_s1'}: metrics.jsonl: its torn last line" in out, out

@@ -1,0 +1,124 @@
+"""The run folder: exactly one writer, a new folder or an existing one, no stale temporaries.
+
+A process that writes a run folder holds an exclusive OS lock (`flock`) on the file `.lock` in it,
+from creating or resuming the folder until it exits; the kernel releases it when the process dies
+(SIGKILL included), so a dead run never leaves a stale lock. A second process is refused with one
+line naming the holder, and writes nothing. Under torchrun, rank 0 holds the lock.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+
+from runner.config import Config, UsageError
+
+LOCK = ".lock"
+_held = []          # open lock descriptors of this process (closed by the kernel at exit)
+_TMP = re.compile(r".+\.tmp[0-9]+")  # atomic_write's temporaries: NAME.tmp<PID>
+_NAME_MAX = 240     # bytes of a run name: 255 per path component, less room for -N / .failed-N
+
+
+def default_name(cfg: Config) -> str:
+    return cfg.name or f"{cfg.dataset}_{cfg.model}_{cfg.optimizer}_s{cfg.seed}"
+
+
+def lock(run_dir: str):
+    """Take the run folder's lock or raise UsageError naming the process that holds it. Then
+    remove temporaries that a killed writer left (only the lock holder writes, so all are stale)."""
+    import fcntl
+    path = os.path.join(run_dir, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"{run_dir}: cannot open its lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UsageError(f"{run_dir}: cannot lock it ({e.strerror})") from None
+        who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+        raise UsageError(f"{run_dir} is in use by {who}: one run folder has one writer; wait for it to "
+                         "finish or stop it, then --resume") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held.append(fd)
+    for name in os.listdir(run_dir):
+        if _TMP.fullmatch(name):
+            try:
+                os.remove(os.path.join(run_dir, name))
+            except OSError:
+                pass
+
+
+def release():
+    """Release this process's run-folder locks (main() returns; exiting does the same)."""
+    while _held:
+        os.close(_held.pop())
+
+
+def is_locked(run_dir: str) -> bool:
+    """Whether another process holds the run folder's lock (this process's own locks excluded)."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _name_error(name, out_dir, e):
+    if e.errno == errno.ENAMETOOLONG:
+        return UsageError(f"name: {name[:40]!r}... is too long for a folder name ({len(name.encode())} bytes)")
+    return UsageError(f"out_dir: cannot create {os.path.join(out_dir, name)!r} ({e.strerror})")
+
+
+def make_run_dir(cfg: Config, exact: bool = False) -> str:
+    """Create and lock a new run folder. Never reuse one: name, name-1, name-2, ... (atomic
+    mkdir); with `exact`, only `name` itself (a taken name is an error, in use or not)."""
+    base = default_name(cfg)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"out_dir: cannot create {cfg.out_dir!r} ({e.strerror})") from None
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise UsageError(f"out_dir: {cfg.out_dir!r} is not writable; choose another with --out_dir")
+    for i in range(1 if exact else 1000):
+        name = base if i == 0 else f"{base}-{i}"
+        path = os.path.join(cfg.out_dir, name)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if exact:
+                lock(path)  # raises when a live run holds it (a recipe started twice)
+                raise UsageError(f"{path} appeared while this run started; run again to resume it") from None
+            continue
+        except OSError as e:
+            raise _name_error(name, cfg.out_dir, e) from None
+        lock(path)
+        return path
+    raise UsageError(f"name: too many runs named {base!r} in {cfg.out_dir!r}")
+
+
+def set_aside(run_dir: str) -> str:
+    """Move a run folder that holds no checkpoint (it stopped before its first one) to
+    run_dir.failed-N, keeping its log; returns the new path."""
+    n = 1
+    while os.path.exists(f"{run_dir}.failed-{n}"):
+        n += 1
+    shutil.move(run_dir, f"{run_dir}.failed-{n}")
+    return f"{run_dir}.failed-{n}"
+
+
+def holds_only_lock(run_dir: str) -> bool:
+    return set(os.listdir(run_dir)) <= {LOCK}
