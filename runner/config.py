@@ -48,11 +48,14 @@ class Config:
     momentum: float = 0.9             # SGD momentum
     nesterov: bool = True             # Nesterov momentum
     weight_decay: float = 1e-4        # L2 penalty, applied in the base step only
+    weight_decay_in_loss: bool = False  # instead add ½·weight_decay·‖θ‖² to the loss of every pass (SAM code)
+    label_smoothing: float = 0.0      # ε of cross-entropy's label smoothing (targets 1−ε+ε/K, ε/K), every pass
     schedule: str = "step"            # step (×lr_decay at milestones) | cosine
     milestones: list = field(default_factory=lambda: [100, 150])  # epochs of the step schedule
     lr_decay: float = 0.1             # factor of the step schedule
     lr_updates_per_epoch: int = 1     # how often within an epoch the LR changes (1 = at epoch ends)
     clip_norm: float = 50.0           # clip the gradient to this global norm in every pass (0 = off)
+    drop_last: bool = False           # drop the last partial batch of an epoch (SAM code) instead of keeping it
     # AMP
     epsilon: float = 0.5              # radius of the perturbation ball
     inner_lr: float = 1.0             # ascent step size ζ
@@ -68,6 +71,8 @@ class Config:
     # SAM / ASAM
     rho: float = 0.05                 # perturbation radius
     adaptive_eta: float = 0.01        # η of ASAM's T = |w| + η
+    asam_all_params: bool = False     # ASAM's T on every parameter (davda54/sam), not only weights (ASAM code)
+    sam_m: int = 0                    # m-sharpness: ε̂ per sub-batch of m examples, gradients averaged (0 = batch)
     bn_update: str = "auto"           # BN running stats: auto (the paper's) | all passes | clean pass
     # runtime
     seed: int = 0                     # seeds init, shuffling, augmentation, noise
@@ -108,7 +113,8 @@ RANGES = [
     ("dropout", 0, 1, True), ("epsilon", 0, None, True), ("inner_lr", 0, None, True),
     ("inner_iter", 0, None, True), ("gamma", 0, None, True), ("alpha", 0, 1, True),
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
-    ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("workers", 0, None, True),
+    ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
+    ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
     ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("seed", 0, 2 ** 32 - 1, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -183,6 +189,8 @@ def _validate(cfg: Config):
         if bad or (isinstance(v, float) and not math.isfinite(v)):
             lo = f"{'≥' if low_inclusive else '>'} {low}"
             raise UsageError(f"{name}: {v} is out of range (must be {lo}" + (f" and ≤ {high})" if high is not None else ")"))
+    if cfg.sam_m and cfg.precision == "fp16":  # its per-pass unscaling would rescale the running sum
+        raise UsageError("sam_m: m-sharpness does not work with precision fp16 (use bf16 or fp32)")
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
         raise UsageError(f"milestones: {cfg.milestones} must be non-negative epochs in increasing order")
     from data_utils import DATASETS
