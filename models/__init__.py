@@ -36,7 +36,8 @@ for _d in preactresnet.DEPTHS:
 for _name, _src in (("wrn16_4", "AMP's WRN builder"), ("wrn16_8", "AMP's WRN builder"),
                     ("wrn28_2", f"{_AMP}wide_resnet.py `wrn28_2`"),
                     ("wrn28_10", f"{_AMP}wide_resnet.py `wrn28_10`"),
-                    ("rwp_wrn16_8", f"{_RWP}wide_resnet.py `WideResNet16x8`"),
+                    ("rwp_wrn16_8", f"{_RWP}wide_resnet.py `WideResNet16x8` (= davda54/sam@3c3afdb "
+                                    "example/model/wide_res_net.py `WideResNet(16, 8)`)"),
                     ("rwp_wrn28_10", f"{_RWP}wide_resnet.py `WideResNet28x10`")):
     _REGISTRY[_name] = (_wrn_builder(_name), _src)
 _REGISTRY["sam_wrn28_10"] = (_wrn_builder("sam_wrn28_10"), f"{_SAM}wide_resnet.py `WideResnet28x10`")
