@@ -406,7 +406,7 @@ momentum nesterov weight_decay schedule milestones lr_decay lr_updates_per_epoch
 crop_padding pad_mode pad_fill flip cutout cutout_size cutout_prob cutout_style autoaugment mean std
 epsilon inner_lr inner_iter amp_ball gamma alpha arwp arwp_eta arwp_beta gamma_final rho adaptive_eta
 bn_update seed device precision channels_last compile workers eval_every out_dir name paper_ref autoaugment_first
-paper_error paper_spread""".split())
+paper_error paper_spread weight_decay_in_loss drop_last label_smoothing sam_m asam_all_params""".split())
 
 # SAM paper Table 1 (WRN-28-10, 200 epochs): (aug, dataset, optimizer) → (error, spread)
 TABLE1 = {

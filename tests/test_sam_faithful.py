@@ -291,3 +291,41 @@ def test_asam_all_params_is_davda54s_rule():
     for p, b, gi in zip(params, before, g):
         assert torch.allclose(p.detach() - b, 0.5 * b * b * gi / norm, atol=1e-7)
     opt.restore()
+
+
+# -- davda54/sam's WRN-16-8 table (a peer reproduction)
+
+@pytest.mark.parametrize("opt,error", [("sgd", 3.20), ("sam", 2.86), ("asam", 2.55)])
+def test_davda54_configs(opt, error):
+    import os
+    import yaml
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = f"configs/davda54/wrn16_8_cifar10_{opt}.yaml"
+    text = open(os.path.join(root, rel)).read()
+    cfg, _ = parse_config(["--config", os.path.join(root, rel)])
+    assert f"python main.py --config {rel} --seed 0" in text and "peer reproduction" in cfg.paper_ref
+    assert set(yaml.safe_load(text)) >= {"model", "optimizer", "label_smoothing", "milestones"}
+    assert (cfg.model, cfg.optimizer, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov) == (
+        "rwp_wrn16_8", opt, 200, 128, 0.1, 0.9, False)
+    assert (cfg.weight_decay, cfg.weight_decay_in_loss, cfg.clip_norm, cfg.drop_last) == (5e-4, False, 0.0, False)
+    assert (cfg.schedule, cfg.milestones, cfg.lr_decay) == ("step", [60, 120, 160], 0.2)
+    assert abs(cfg.label_smoothing - 0.1 * 10 / 9) < 1e-12
+    assert (cfg.cutout, cfg.cutout_size, cfg.cutout_prob, cfg.cutout_style, cfg.pad_fill) == (True, 16, 0.5, "rwp", 0)
+    assert cfg.paper_error == error and cfg.paper_spread is None
+    if opt == "sam":
+        assert (cfg.rho, cfg.bn_update) == (0.05, "clean")
+    if opt == "asam":
+        assert (cfg.rho, cfg.adaptive_eta, cfg.asam_all_params, cfg.bn_update) == (2.0, 0.0, True, "clean")
+
+
+def test_davda54_label_smoothing_is_pytorchs_at_ten_ninths():
+    """Its smooth_crossentropy (true class 1−s, others s/(K−1)) has PyTorch's targets at ε = s·K/(K−1),
+    so the same gradient (its KL loss differs from the cross-entropy by the targets' entropy)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10, requires_grad=True)
+    y = torch.randint(0, 10, (6,))
+    one_hot = torch.full_like(logits, 0.1 / 9).scatter(1, y[:, None], 0.9)
+    theirs = F.kl_div(logits.log_softmax(1), one_hot, reduction="none").sum(-1).mean()
+    g1, = torch.autograd.grad(theirs, logits)
+    g2, = torch.autograd.grad(F.cross_entropy(logits, y, label_smoothing=0.1 * 10 / 9), logits)
+    assert torch.allclose(g1, g2, atol=1e-7)
