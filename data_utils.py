@@ -342,8 +342,13 @@ class _PolicyDataset(torch.utils.data.Dataset):
             return self.transform(self.images[i]), i
 
 
-def autoaugment_policy(dataset: str, fill: int, channels: int):
-    """torchvision's AutoAugment with the policy searched for this dataset (CIFAR-10's otherwise)."""
+def autoaugment_policy(dataset: str, fill: int, channels: int, name: str = "torchvision"):
+    """torchvision's AutoAugment with the policy searched for this dataset (CIFAR-10's otherwise), or
+    with `name` "sam" the SAM code's own AutoAugment (sam_autoaugment.py: its CIFAR policy, SVHN's for
+    svhn; grey 128 fill whatever `fill` says; RGB only)."""
+    if name == "sam":
+        from sam_autoaugment import SamAutoAugment
+        return SamAutoAugment("svhn" if dataset == "svhn" else "cifar")
     from torchvision.transforms import AutoAugment, AutoAugmentPolicy
     policy = AutoAugmentPolicy.SVHN if dataset == "svhn" else AutoAugmentPolicy.CIFAR10
     return AutoAugment(policy, fill=[fill] * channels)

@@ -35,6 +35,7 @@ class Config:
     cutout_style: str = "amp"         # amp: black before normalising | rwp: zero after normalising
     autoaugment: bool = False         # torchvision's AutoAugment policy for the dataset
     autoaugment_first: bool = False   # AutoAugment before crop + flip (SAM code), not after (AMP code)
+    autoaugment_policy: str = "torchvision"  # torchvision's policy | sam: the SAM code's own (RGB only)
     mean: list = field(default_factory=list)  # per-channel mean in [0,1] (empty = dataset's)
     std: list = field(default_factory=list)   # per-channel std in [0,1] (empty = dataset's)
     # model
@@ -96,6 +97,7 @@ CHOICES = {
     "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic"),
     "pad_mode": ("constant", "reflect"),
     "cutout_style": ("amp", "rwp"),
+    "autoaugment_policy": ("torchvision", "sam"),
     "optimizer": ("sgd", "amp", "rwp", "sam", "asam"),
     "schedule": ("step", "cosine"),
     "amp_ball": ("tensor", "global"),
@@ -189,6 +191,9 @@ def _validate(cfg: Config):
         if bad or (isinstance(v, float) and not math.isfinite(v)):
             lo = f"{'≥' if low_inclusive else '>'} {low}"
             raise UsageError(f"{name}: {v} is out of range (must be {lo}" + (f" and ≤ {high})" if high is not None else ")"))
+    from data_utils import DATASETS as _DATASETS
+    if cfg.autoaugment and cfg.autoaugment_policy == "sam" and _DATASETS[cfg.dataset].channels != 3:
+        raise UsageError(f"autoaugment_policy: the SAM code's policy takes RGB images; {cfg.dataset} has 1 channel")
     if cfg.sam_m and cfg.precision == "fp16":  # its per-pass unscaling would rescale the running sum
         raise UsageError("sam_m: m-sharpness does not work with precision fp16 (use bf16 or fp32)")
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):

@@ -205,7 +205,8 @@ class Trainer:
         group, groups = getattr(self.optimizer, "rank_group", (0, 1))
         if self.world % groups:
             raise UsageError(f"torchrun: {cfg.optimizer} needs a world size divisible by {groups}, got {self.world}")
-        policy = data_utils.autoaugment_policy(cfg.dataset, cfg.pad_fill, info.channels) if cfg.autoaugment else None
+        policy = data_utils.autoaugment_policy(cfg.dataset, cfg.pad_fill, info.channels,
+                                               cfg.autoaugment_policy) if cfg.autoaugment else None
         self.loaders = [data_utils.TrainLoader(
             xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,
             stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,

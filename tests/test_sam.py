@@ -406,7 +406,8 @@ momentum nesterov weight_decay schedule milestones lr_decay lr_updates_per_epoch
 crop_padding pad_mode pad_fill flip cutout cutout_size cutout_prob cutout_style autoaugment mean std
 epsilon inner_lr inner_iter amp_ball gamma alpha arwp arwp_eta arwp_beta gamma_final rho adaptive_eta
 bn_update seed device precision channels_last compile workers eval_every out_dir name paper_ref autoaugment_first
-paper_error paper_spread weight_decay_in_loss drop_last label_smoothing sam_m asam_all_params""".split())
+paper_error paper_spread weight_decay_in_loss drop_last label_smoothing sam_m asam_all_params
+autoaugment_policy""".split())
 
 # SAM paper Table 1 (WRN-28-10, 200 epochs): (aug, dataset, optimizer) → (error, spread)
 TABLE1 = {
@@ -467,6 +468,7 @@ def test_cifar_config_matches_sam_paper(key):
     assert cfg.get("cutout", False) == (aug == "cutout")
     assert cfg.get("autoaugment", False) == (aug == "autoaugment")
     assert cfg.get("autoaugment_first", False) == (aug == "autoaugment")  # policy, then flip + crop
+    assert cfg.get("autoaugment_policy", "torchvision") == ("sam" if aug == "autoaugment" else "torchvision")
     if aug == "cutout":
         assert (cfg["cutout_size"], cfg["cutout_prob"], cfg["cutout_style"]) == (16, 1.0, "rwp")
     assert len(cfg["mean"]) == len(cfg["std"]) == 3
