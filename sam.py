@@ -39,9 +39,10 @@ Faithful details (google-research/sam, sam_jax/training_utils/flax_training.py):
 - Base optimizer: momentum 0.9 with Nesterov; gradient clipped to global norm 5 *after* the
   second pass. SAM's and ASAM's ε̂ are invariant to a rescaling of g, so a closure that also
   clips the clean pass's gradient gives the same ε̂.
-Known difference: the official code adds the L2 penalty to the loss, so weight decay enters ε̂
-and is evaluated at θ+ε̂; with a PyTorch base optimizer (``weight_decay=``) it is applied at θ in
-the base step only, as in the PyTorch SAM/ASAM code (davda54/sam, SamsungLabs/ASAM).
+Weight decay: the official code adds ½·λ‖θ‖² to the loss, so the decay enters ε̂, is evaluated at
+θ+ε̂ and is clipped with the gradient; with a PyTorch base optimizer (``weight_decay=``) it is
+applied at θ in the base step only, as in the PyTorch SAM/ASAM code (davda54/sam, SamsungLabs/ASAM).
+The runner offers both (``weight_decay_in_loss``; its closure adds the term).
 
 Unlike common ports: weights come back by copy from a persistent backup (never by subtraction
 or ``p.data =``); ``state_dict()`` is the base optimizer's (momentum survives a checkpoint);
