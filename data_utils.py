@@ -295,11 +295,12 @@ class TrainLoader:
     Shuffling: a permutation of all N samples drawn from (seed, epoch, stream); under torchrun the
     ranks of one stream split it into `num_shards` shards. Different streams (RWP's clean and
     perturbed batches) shuffle independently. Every epoch is reproducible from (seed, epoch).
-    The last partial batch is kept unless it would hold a single sample (BatchNorm needs two).
+    The last partial batch is kept unless it would hold a single sample (BatchNorm needs two), or
+    dropped with `drop_last` (as the SAM code's tf.data `batch(drop_remainder=True)`).
     """
 
     def __init__(self, images, labels, batch_size, augment: Augment, *, device, seed=0, stream=0,
-                 shard=0, num_shards=1, autoaugment=None, policy_first=False, workers=0):
+                 shard=0, num_shards=1, autoaugment=None, policy_first=False, workers=0, drop_last=False):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.augment, self.device = batch_size, augment, torch.device(device)
         self.seed, self.stream, self.shard, self.num_shards = seed, stream, shard, num_shards
@@ -307,7 +308,7 @@ class TrainLoader:
         self.epoch = 0
         n = len(self.images) // num_shards
         self.num_samples = n
-        self.num_batches = n // batch_size + (1 if n % batch_size > 1 else 0)
+        self.num_batches = n // batch_size + (1 if n % batch_size > 1 and not drop_last else 0)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -379,8 +380,13 @@ class _PolicyDataset(torch.utils.data.Dataset):
             return self.transform(self.images[i]), i
 
 
-def autoaugment_policy(dataset: str, fill: int, channels: int):
-    """torchvision's AutoAugment with the policy searched for this dataset (CIFAR-10's otherwise)."""
+def autoaugment_policy(dataset: str, fill: int, channels: int, name: str = "torchvision"):
+    """torchvision's AutoAugment with the policy searched for this dataset (CIFAR-10's otherwise), or
+    with `name` "sam" the SAM code's own AutoAugment (sam_autoaugment.py: its CIFAR policy, SVHN's for
+    svhn; grey 128 fill whatever `fill` says; RGB only)."""
+    if name == "sam":
+        from sam_autoaugment import SamAutoAugment
+        return SamAutoAugment("svhn" if dataset == "svhn" else "cifar")
     from torchvision.transforms import AutoAugment, AutoAugmentPolicy
     policy = AutoAugmentPolicy.SVHN if dataset == "svhn" else AutoAugmentPolicy.CIFAR10
     return AutoAugment(policy, fill=[fill] * channels)

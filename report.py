@@ -30,10 +30,11 @@ Grouping ignores:
     (main.py lets these change on --resume), data_dir, download (where the data comes from), and
     paper_ref / paper_error / paper_spread (labels, taken from the runs);
   - fields that the run's other settings switch off: the AMP fields unless optimizer is amp, the
-    RWP fields unless rwp (arwp_eta / arwp_beta unless arwp), rho unless sam/asam, adaptive_eta
-    unless asam, bn_update for sgd, nesterov without momentum, milestones / lr_decay under a
-    cosine schedule, the Cutout fields without cutout, and the crop/flip fields without augment
-    (pad_fill also matters for AutoAugment's fill).
+    RWP fields unless rwp (arwp_eta / arwp_beta unless arwp), rho and sam_m unless sam/asam,
+    adaptive_eta and asam_all_params unless asam, bn_update for sgd, nesterov without momentum,
+    milestones / lr_decay under a cosine schedule, the Cutout fields without cutout,
+    autoaugment_first / autoaugment_policy without autoaugment, and the crop/flip fields without
+    augment (pad_fill also matters for AutoAugment's fill).
 
 Exit codes: 0 done; 1 nothing to plot; 2 bad arguments or no run folders found (one line on stderr).
 """
@@ -61,6 +62,8 @@ RELEVANT_IF = {
     **{f: lambda c: c.get("optimizer") == "rwp" and c.get("arwp") for f in ("arwp_eta", "arwp_beta")},
     "rho": lambda c: c.get("optimizer") in ("sam", "asam"),
     "adaptive_eta": lambda c: c.get("optimizer") == "asam",
+    "sam_m": lambda c: c.get("optimizer") in ("sam", "asam"),
+    "asam_all_params": lambda c: c.get("optimizer") == "asam",
     "bn_update": lambda c: c.get("optimizer") != "sgd",
     "nesterov": lambda c: c.get("momentum", 1) > 0,
     "milestones": lambda c: c.get("schedule") != "cosine",
@@ -68,9 +71,11 @@ RELEVANT_IF = {
     **{f: lambda c: c.get("cutout", True) for f in ("cutout_size", "cutout_prob", "cutout_style")},
     **{f: lambda c: c.get("augment", True) for f in ("crop_padding", "pad_mode", "flip")},
     "autoaugment_first": lambda c: c.get("autoaugment"),
+    "autoaugment_policy": lambda c: c.get("autoaugment"),
     "pad_fill": lambda c: c.get("autoaugment") or (c.get("augment", True) and c.get("pad_mode") != "reflect"),
 }
-OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta", "bn_update"}
+OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta", "bn_update", "sam_m",
+                    "asam_all_params"}
 NAMED = ("dataset", "model", "optimizer")  # always their own columns
 OPTIMIZER_ORDER = ("sgd", "amp", "rwp", "sam", "asam")
 NOTE = ("setting = the fields that differ between the groups, where not at the runner's default "

@@ -15,7 +15,14 @@ element-wise operator T = |w| + η:
 T = |w| + η for "weight" parameters and T = 1 for every other parameter (biases, BN shifts),
 exactly as the official code (SamsungLabs/ASAM, asam.py) decides it: by whether the parameter's
 name contains "weight" (so BatchNorm weights ARE scaled). The names come from ``model``; with
-no ``model`` the rule falls back to "tensors with ≥ 2 dims are weights".
+no ``model`` the rule falls back to "tensors with ≥ 2 dims are weights". A parameter group with
+``adaptive_all=True`` scales every parameter by T; with ``eta=0`` that is davda54/sam's ASAM
+(sam.py at 3c3afdb: T = |p| for every p).
+
+m-sharpness (SAM paper, Section 4.1): ε̂ computed per sub-batch of m examples and the perturbed
+gradients averaged; see ``step(closure, parts=K)``. In the SAM code this is what data parallelism
+does (each accelerator perturbs with its own sub-batch gradient; google-research/sam at dae9904,
+sam_jax/training_utils/flax_training.py, ``sync_perturbations`` False by default).
 
 δ = 1e-12 keeps the step free of host syncs (no branch on ‖g‖ = 0) and makes ρ = 0 give ε̂ = 0
 exactly, so ρ = 0 reproduces the base optimizer bit for bit (parameters always; BatchNorm
@@ -32,9 +39,10 @@ Faithful details (google-research/sam, sam_jax/training_utils/flax_training.py):
 - Base optimizer: momentum 0.9 with Nesterov; gradient clipped to global norm 5 *after* the
   second pass. SAM's and ASAM's ε̂ are invariant to a rescaling of g, so a closure that also
   clips the clean pass's gradient gives the same ε̂.
-Known difference: the official code adds the L2 penalty to the loss, so weight decay enters ε̂
-and is evaluated at θ+ε̂; with a PyTorch base optimizer (``weight_decay=``) it is applied at θ in
-the base step only, as in the PyTorch SAM/ASAM code (davda54/sam, SamsungLabs/ASAM).
+Weight decay: the official code adds ½·λ‖θ‖² to the loss, so the decay enters ε̂, is evaluated at
+θ+ε̂ and is clipped with the gradient; with a PyTorch base optimizer (``weight_decay=``) it is
+applied at θ in the base step only, as in the PyTorch SAM/ASAM code (davda54/sam, SamsungLabs/ASAM).
+The runner offers both (``weight_decay_in_loss``; its closure adds the term).
 
 Unlike common ports: weights come back by copy from a persistent backup (never by subtraction
 or ``p.data =``); ``state_dict()`` is the base optimizer's (momentum survives a checkpoint);
@@ -147,7 +155,7 @@ class SAM(torch.optim.Optimizer):
                 continue
             ws, ones = [], []  # T = |w|+η / T = 1
             for p in ps:
-                (ws if group["adaptive"] and self._is_weight(p) else ones).append(p)
+                (ws if group["adaptive"] and (group.get("adaptive_all") or self._is_weight(p)) else ones).append(p)
             t, tg = [], []
             if ws:
                 t = torch._foreach_abs(ws)
@@ -218,12 +226,25 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def step(self, closure=None):
+    def step(self, closure=None, parts=None):
         """One SAM/ASAM step. ``closure()`` zeroes the grads, runs forward + backward and returns
-        (outputs, loss); it is called twice on the same batch. Returns the clean call's result, detached."""
+        (outputs, loss); it is called twice on the same batch. Returns the clean call's result, detached.
+
+        m-sharpness (``parts`` = K > 1, or a ``closure.parts`` attribute): the batch is K sub-batches
+        of m examples and ``closure(part=i)`` must ADD the gradient of (n_i/B)·L_i (sub-batch i of
+        n_i of the B examples) to ``.grad`` without zeroing it, and return (outputs_i, L_i). Then
+
+            g   = Σ_i ∇[(n_i/B) L_i](θ + ε̂_i),    ε̂_i = ρ·T²g_i/‖T g_i‖  from g_i = ∇L_i(θ)
+
+        (each ε̂_i from its own sub-batch, as each accelerator of the SAM code does), then the base
+        step with g. Returns (outputs of all clean passes concatenated, Σ (n_i/B) L_i).
+        K = 1 is the plain step above, exactly."""
         if closure is None:
             raise ValueError("closure is required: SAM needs two forward-backward passes "
                              "(or use perturb()/restore()/base_step())")
+        parts = getattr(closure, "parts", 1) if parts is None else parts
+        if parts > 1:
+            return self._step_parts(closure, parts)
         sync_off = self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
         with torch.enable_grad(), sync_off:  # clean pass at θ: this rank's own gradient
             result = closure()
@@ -233,6 +254,51 @@ class SAM(torch.optim.Optimizer):
         self.restore()
         self.base_step()
         return _detached(result)
+
+    def _step_parts(self, closure, parts):
+        """m-sharpness: per sub-batch i, clean pass → ε̂_i → perturbed pass added to the running sum
+        (kept in persistent buffers while the next clean pass uses .grad) → restore; then base step."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        acc = None  # Σ_{j<i} of the perturbed passes' gradients, per parameter with a gradient
+        results = []
+        for i in range(parts):
+            last = i == parts - 1
+            self.zero_grad(set_to_none=True)
+            sync_off = self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
+            with torch.enable_grad(), sync_off:  # clean pass on sub-batch i: g_i at θ
+                results.append(_detached(closure(part=i)))
+            self.perturb()  # θ + ε̂_i
+            with torch.no_grad():
+                ps = [p for p in params if p.grad is not None]
+                if acc is None:
+                    torch._foreach_zero_([p.grad for p in ps])
+                else:
+                    torch._foreach_copy_([p.grad for p in ps], [acc[p] for p in ps])  # .grad = Σ_{j<i}
+            sync = contextlib.nullcontext() if last or self._no_sync is None else self._no_sync()
+            with torch.enable_grad(), sync:  # perturbed pass: .grad += ∇[(n_i/B) L_i](θ + ε̂_i)
+                closure(part=i)
+            self.restore()
+            if not last:
+                with torch.no_grad():
+                    ps = [p for p in params if p.grad is not None]
+                    if acc is None:
+                        acc = self._acc_buffers(ps)
+                    torch._foreach_copy_([acc[p] for p in ps], [p.grad for p in ps])
+        self.base_step()
+        outputs = torch.cat([r[0] for r in results])
+        sizes = [len(r[0]) for r in results]
+        loss = sum(r[1].float() * (n / len(outputs)) for r, n in zip(results, sizes))
+        return outputs, loss
+
+    def _acc_buffers(self, ps):
+        """Persistent buffers for the running sum of m-sharpness (scratch, never in state_dict)."""
+        if not hasattr(self, "_acc"):
+            self._acc = {}
+        for p in ps:
+            b = self._acc.get(p)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                self._acc[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return self._acc
 
     def state_dict(self):
         return self.base_optimizer.state_dict()

@@ -2,26 +2,29 @@
 
 One file per family holds plain nn.Modules; this file maps names to them. Every model takes
 `in_channels` (1 for Fashion-MNIST, 3 for CIFAR/SVHN) and works at 28×28 and 32×32 inputs.
-Names of the form `wrn{depth}_{width}` / `rwp_wrn{depth}_{width}` are accepted for any
+Names of the form `wrn{depth}_{width}` / `rwp_wrn{depth}_{width}` / `sam_wrn{depth}_{width}` are accepted for any
 depth = 6n+4 (n >= 1) and width >= 1; `model_names()` lists the common ones.
 `python -m models` prints the parameter table of docs/models.md.
 """
 import re
 from functools import partial
 
-from . import preactresnet, pyramidnet, resnet, vgg, wideresnet
+from . import preactresnet, pyramidnet, resnet, samwrn, vgg, wideresnet
 
 _AMP = "hiyouga/AMP-Regularizer models/"
 _RWP = "nblt/RWP models/"
-_WRN = re.compile(r"(rwp_)?wrn([1-9][0-9]*)_([1-9][0-9]*)")
+_SAM = "google-research/sam@dae9904 sam_jax/models/"
+_WRN = re.compile(r"(rwp_|sam_)?wrn([1-9][0-9]*)_([1-9][0-9]*)")
 
 
 def _wrn_builder(name):
-    """`wrn{depth}_{width}` (AMP's WRN) or `rwp_wrn{depth}_{width}` (RWP's) -> builder; else None."""
+    """`wrn{depth}_{width}` (AMP's WRN), `rwp_wrn{depth}_{width}` (RWP's) or `sam_wrn{depth}_{width}`
+    (the SAM paper's) -> builder; else None."""
     match = _WRN.fullmatch(name)
     if match is None or int(match[2]) < 10 or (int(match[2]) - 4) % 6:
         return None
-    family = wideresnet.RWPWideResNet if match[1] else wideresnet.WideResNet
+    family = {None: wideresnet.WideResNet, "rwp_": wideresnet.RWPWideResNet,
+              "sam_": samwrn.SamWideResNet}[match[1]]
     return partial(family, int(match[2]), int(match[3]))
 
 
@@ -33,9 +36,13 @@ for _d in preactresnet.DEPTHS:
 for _name, _src in (("wrn16_4", "AMP's WRN builder"), ("wrn16_8", "AMP's WRN builder"),
                     ("wrn28_2", f"{_AMP}wide_resnet.py `wrn28_2`"),
                     ("wrn28_10", f"{_AMP}wide_resnet.py `wrn28_10`"),
-                    ("rwp_wrn16_8", f"{_RWP}wide_resnet.py `WideResNet16x8`"),
+                    ("rwp_wrn16_8", f"{_RWP}wide_resnet.py `WideResNet16x8` (= davda54/sam@3c3afdb "
+                                    "example/model/wide_res_net.py `WideResNet(16, 8)`)"),
                     ("rwp_wrn28_10", f"{_RWP}wide_resnet.py `WideResNet28x10`")):
     _REGISTRY[_name] = (_wrn_builder(_name), _src)
+_REGISTRY["sam_wrn28_10"] = (_wrn_builder("sam_wrn28_10"), f"{_SAM}wide_resnet.py `WideResnet28x10`")
+_REGISTRY["sam_shakeshake26_2x96d"] = (partial(samwrn.ShakeShakeWRN, 4, 6),
+                                       f"{_SAM}wide_resnet_shakeshake.py `WideResnet28x6_ShakeShake`")
 for _bn, _suffix in ((True, ""), (False, "_nobn")):
     for _d in vgg.STAGES:
         _REGISTRY[f"vgg{_d}{_suffix}"] = (partial(vgg.amp_vgg, _d, batch_norm=_bn),
@@ -70,7 +77,7 @@ def build_model(name, num_classes, in_channels=3, dropout=0.0):
     builder = _REGISTRY[name][0] if name in _REGISTRY else _wrn_builder(str(name))
     if builder is None:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(_REGISTRY)}; also "
-                         "wrn{depth}_{width} and rwp_wrn{depth}_{width} for any depth = 6n+4 (n >= 1)")
+                         "wrn{depth}_{width}, rwp_wrn{depth}_{width} and sam_wrn{depth}_{width} for any depth = 6n+4 (n >= 1)")
     return builder(num_classes, in_channels=in_channels, dropout=dropout)
 
 

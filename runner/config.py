@@ -35,6 +35,7 @@ class Config:
     cutout_style: str = "amp"         # amp: black before normalising | rwp: zero after normalising
     autoaugment: bool = False         # torchvision's AutoAugment policy for the dataset
     autoaugment_first: bool = False   # AutoAugment before crop + flip (SAM code), not after (AMP code)
+    autoaugment_policy: str = "torchvision"  # torchvision's policy | sam: the SAM code's own (RGB only)
     mean: list = field(default_factory=list)  # per-channel mean in [0,1] (empty = dataset's)
     std: list = field(default_factory=list)   # per-channel std in [0,1] (empty = dataset's)
     # model
@@ -48,11 +49,14 @@ class Config:
     momentum: float = 0.9             # SGD momentum
     nesterov: bool = True             # Nesterov momentum
     weight_decay: float = 1e-4        # L2 penalty, applied in the base step only
+    weight_decay_in_loss: bool = False  # instead add ½·weight_decay·‖θ‖² to the loss of every pass (SAM code)
+    label_smoothing: float = 0.0      # ε of cross-entropy's label smoothing (targets 1−ε+ε/K, ε/K), every pass
     schedule: str = "step"            # step (×lr_decay at milestones) | cosine
     milestones: list = field(default_factory=lambda: [100, 150])  # epochs of the step schedule
     lr_decay: float = 0.1             # factor of the step schedule
     lr_updates_per_epoch: int = 1     # how often within an epoch the LR changes (1 = at epoch ends)
     clip_norm: float = 50.0           # clip the gradient to this global norm in every pass (0 = off)
+    drop_last: bool = False           # drop the last partial batch of an epoch (SAM code) instead of keeping it
     # AMP
     epsilon: float = 0.5              # radius of the perturbation ball
     inner_lr: float = 1.0             # ascent step size ζ
@@ -68,6 +72,8 @@ class Config:
     # SAM / ASAM
     rho: float = 0.05                 # perturbation radius
     adaptive_eta: float = 0.01        # η of ASAM's T = |w| + η
+    asam_all_params: bool = False     # ASAM's T on every parameter (davda54/sam), not only weights (ASAM code)
+    sam_m: int = 0                    # m-sharpness: ε̂ per sub-batch of m examples, gradients averaged (0 = batch)
     bn_update: str = "auto"           # BN running stats: auto (the paper's) | all passes | clean pass
     # runtime
     seed: int = 0                     # seeds init, shuffling, augmentation, noise
@@ -92,6 +98,7 @@ CHOICES = {
     "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic"),
     "pad_mode": ("constant", "reflect"),
     "cutout_style": ("amp", "rwp"),
+    "autoaugment_policy": ("torchvision", "sam"),
     "optimizer": ("sgd", "amp", "rwp", "sam", "asam"),
     "schedule": ("step", "cosine"),
     "amp_ball": ("tensor", "global"),
@@ -110,7 +117,8 @@ RANGES = [
     ("dropout", 0, 1, True), ("epsilon", 0, None, True), ("inner_lr", 0, None, True),
     ("inner_iter", 0, None, True), ("gamma", 0, None, True), ("alpha", 0, 1, True),
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
-    ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("workers", 0, None, True),
+    ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
+    ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
     ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("seed", 0, 2 ** 32 - 1, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -191,6 +199,12 @@ def _validate(cfg: Config):
         values = v if isinstance(v, list) else [v]
         if name != "seed" and any(type(x) is int and abs(x) > INT_MAX for x in values):
             raise UsageError(f"{name}: {v} is out of range (at most {INT_MAX})")
+    from data_utils import DATASETS as _DATASETS
+    if cfg.autoaugment and cfg.autoaugment_policy == "sam" and _DATASETS[cfg.dataset].channels != 3:
+        raise UsageError(f"autoaugment_policy: the SAM code's policy takes RGB images; {cfg.dataset} has 1 channel")
+    if cfg.sam_m and cfg.precision == "fp16":  # its per-pass unscaling would rescale the running sum
+        raise UsageError("sam_m: m-sharpness does not work with precision fp16 (use bf16 or fp32)")
+>>>>>>> issue15
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
         raise UsageError(f"milestones: {cfg.milestones} must be non-negative epochs in increasing order")
     from data_utils import DATASETS

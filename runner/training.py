@@ -31,8 +31,10 @@ def build_optimizer(cfg: Config, model, world_size: int, no_sync=None):
     """The optimizer named by cfg; perturbation optimizers wrap SGD with cfg's base settings.
     `model` is the unwrapped module (BN buffers); `no_sync` the DDP wrapper's no_sync, if any."""
     base = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                weight_decay=cfg.weight_decay)
+                weight_decay=0.0 if cfg.weight_decay_in_loss else cfg.weight_decay)  # else in the loss
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "asam" and cfg.asam_all_params:  # T = |w|+η on every parameter (davda54/sam)
+        params = [{"params": params, "adaptive_all": True}]
     bn = {} if cfg.bn_update == "auto" else {"bn_update": cfg.bn_update}
     try:
         return _make_optimizer(cfg, model, world_size, params, base, bn, no_sync)
@@ -118,28 +120,45 @@ def autocast_for(cfg: Config, device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else None
 
 
-def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.0, scaler=None):
+def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.0, scaler=None,
+                 label_smoothing=0.0, l2=0.0, part_size=0):
     """The closure every optimizer steps with: closure(batch=0, loss_weight=1.0) zeroes the grads,
-    computes L = CE(net(x_b), y_b) (under `autocast`), back-propagates w·L (as S·w·L, unscaled
-    after, when an fp16 `scaler` is given), clips ‖g‖₂ ≤ clip_norm over `params`, and returns
-    (outputs, L.detach())."""
+    computes L = CE_ε(net(x_b), y_b) (label smoothing ε; under `autocast`), back-propagates
+    w·(L + ½·l2·‖θ‖²) (as S·w·(...), unscaled after, when an fp16 `scaler` is given; the L2 term
+    over `params`, the SAM code's weight decay), clips ‖g‖₂ ≤ clip_norm over `params`, and returns
+    (outputs, L.detach()) — the logged loss is the cross-entropy alone.
+
+    With `part_size` m > 0 and a batch of B > m examples the closure has `parts` = ⌈B/m⌉ and
+    `closure(part=i)` is SAM's m-sharpness form: no zeroing, the gradient of (n_i/B)·(L_i + ½·l2·‖θ‖²)
+    on examples [i·m, (i+1)·m) is added to .grad, the clip applies after the last part only."""
     import contextlib
     import torch
 
-    def closure(batch=0, loss_weight=1.0):
-        optimizer.zero_grad(set_to_none=True)
+    n = len(batches[0][1])
+    parts = -(-n // part_size) if 0 < part_size < n else 1
+
+    def closure(batch=0, loss_weight=1.0, part=None):
         x, y = batches[batch]
+        if part is None:
+            optimizer.zero_grad(set_to_none=True)
+        else:  # m-sharpness: sub-batch `part`, weighted by its share of the batch
+            x, y = x[part * part_size:(part + 1) * part_size], y[part * part_size:(part + 1) * part_size]
+            loss_weight = loss_weight * len(y) / n
         with autocast if autocast is not None else contextlib.nullcontext():
             outputs = net(x)
-            loss = torch.nn.functional.cross_entropy(outputs, y)
-        weighted = loss * loss_weight if loss_weight != 1.0 else loss
+            loss = torch.nn.functional.cross_entropy(outputs, y, label_smoothing=label_smoothing)
+        total = loss
+        if l2 > 0:  # ½·λ·‖θ‖², in fp32, on every parameter (BN and biases included, as the SAM code)
+            total = loss + 0.5 * l2 * torch.stack([p.float().square().sum() for p in params]).sum()
+        weighted = total * loss_weight if loss_weight != 1.0 else total
         if scaler is None:
             weighted.backward()
         else:
             scaler.backward(weighted)
-        if clip_norm > 0:
+        if clip_norm > 0 and (part is None or part == parts - 1):
             torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
         return outputs, loss.detach()
+    closure.parts = parts
     return closure
 
 
@@ -200,10 +219,12 @@ class Trainer:
         group, groups = getattr(self.optimizer, "rank_group", (0, 1))
         if self.world % groups:
             raise UsageError(f"torchrun: {cfg.optimizer} needs a world size divisible by {groups}, got {self.world}")
-        policy = data_utils.autoaugment_policy(cfg.dataset, cfg.pad_fill, info.channels) if cfg.autoaugment else None
+        policy = data_utils.autoaugment_policy(cfg.dataset, cfg.pad_fill, info.channels,
+                                               cfg.autoaugment_policy) if cfg.autoaugment else None
         self.loaders = [data_utils.TrainLoader(
             xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,
             stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
+            drop_last=cfg.drop_last,
             autoaugment=policy, policy_first=cfg.autoaugment_first, workers=cfg.workers) for i in range(per_step)]
         self.steps_per_epoch = len(self.loaders[0])
         if self.steps_per_epoch == 0:
@@ -286,8 +307,11 @@ class Trainer:
 
     # -- one epoch
     def closure_for(self, batches):
+        cfg = self.cfg
         return make_closure(self.optimizer, self.net, self.params, batches, autocast=self.autocast,
-                            clip_norm=self.cfg.clip_norm, scaler=self.scaler)
+                            clip_norm=cfg.clip_norm, scaler=self.scaler, label_smoothing=cfg.label_smoothing,
+                            l2=cfg.weight_decay if cfg.weight_decay_in_loss else 0.0,
+                            part_size=cfg.sam_m if cfg.optimizer in ("sam", "asam") else 0)
 
     def agree(self, bad_step=None):
         """(signal number or 0, first non-finite step or -1), the same on every rank: under torchrun

@@ -70,7 +70,7 @@ def test_yaml_numbers_written_as_strings_and_optional_flags(tmp_path):
 
 def test_a_flag_that_changes_the_setting_voids_the_paper_number():
     config = ["--config", os.path.join(ROOT, "configs", "fashionmnist", "wrn28_10_basic_sam.yaml")]
-    kept = ["--seed", "3", "--precision", "bf16", "--workers", "1", "--model", "wrn28_10", "--name", "x"]
+    kept = ["--seed", "3", "--precision", "bf16", "--workers", "1", "--model", "sam_wrn28_10", "--name", "x"]
     cfg, _ = main.parse_config(config + kept)  # same setting: --model names the config's own model
     assert cfg.paper_error == 3.98 and cfg.paper_spread == 0.05 and "[not comparable" not in cfg.paper_ref
     for flags in (["--model", "wrn10_1"], ["--epochs", "10"], ["--train_size", "1000"], ["--lr", "0.2"]):

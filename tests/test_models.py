@@ -26,6 +26,10 @@ OFFICIAL = {
     "rwp_vgg16_bn": (15_253_578, 15_299_748, 58),
     "rwp_wrn16_8": (17_158_106, 17_204_276, 62),
     "rwp_wrn28_10": (46_160_474, 46_218_164, 98),
+    # google-research/sam sam_jax/models/wide_resnet.py WideResnet28x10, counted from the flax code
+    "sam_wrn28_10": (36_220_634, 36_278_324, 77),
+    # ... wide_resnet_shakeshake.py WideResnet28x6_ShakeShake (test_sam_models.py counts it layer by layer)
+    "sam_shakeshake26_2x96d": (26_192_922, 26_227_572, 161),
 }
 # Families whose official code has a `dropout` rate, one small member each.
 WITH_DROPOUT = ("preactresnet18", "wrn16_4", "vgg11", "vgg11_nobn", "pyramidnet110_48", "rwp_wrn16_8")

@@ -406,7 +406,8 @@ momentum nesterov weight_decay schedule milestones lr_decay lr_updates_per_epoch
 crop_padding pad_mode pad_fill flip cutout cutout_size cutout_prob cutout_style autoaugment mean std
 epsilon inner_lr inner_iter amp_ball gamma alpha arwp arwp_eta arwp_beta gamma_final rho adaptive_eta
 bn_update seed device precision channels_last compile workers eval_every out_dir name paper_ref autoaugment_first
-paper_error paper_spread""".split())
+paper_error paper_spread weight_decay_in_loss drop_last label_smoothing sam_m asam_all_params
+autoaugment_policy""".split())
 
 # SAM paper Table 1 (WRN-28-10, 200 epochs): (aug, dataset, optimizer) → (error, spread)
 TABLE1 = {
@@ -421,7 +422,7 @@ TABLE1 = {
 FASHION = {("basic", "sgd"): (4.57, 0.07), ("basic", "sam"): (3.98, 0.05),
            ("cutout", "sgd"): (3.86, 0.14), ("cutout", "sam"): (3.61, 0.06),
            ("basic", "amp"): None, ("basic", "rwp"): None, ("cutout", "amp"): None, ("cutout", "rwp"): None}
-COMMON = dict(model="wrn28_10", batch_size=256, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+COMMON = dict(model="sam_wrn28_10", drop_last=True, batch_size=256, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
               schedule="cosine", clip_norm=5, augment=True, crop_padding=4, pad_mode="reflect", flip=True)
 
 
@@ -467,9 +468,11 @@ def test_cifar_config_matches_sam_paper(key):
     assert cfg.get("cutout", False) == (aug == "cutout")
     assert cfg.get("autoaugment", False) == (aug == "autoaugment")
     assert cfg.get("autoaugment_first", False) == (aug == "autoaugment")  # policy, then flip + crop
+    assert cfg.get("autoaugment_policy", "torchvision") == ("sam" if aug == "autoaugment" else "torchvision")
     if aug == "cutout":
         assert (cfg["cutout_size"], cfg["cutout_prob"], cfg["cutout_style"]) == (16, 1.0, "rwp")
     assert len(cfg["mean"]) == len(cfg["std"]) == 3
+    assert cfg["weight_decay_in_loss"] is True  # the SAM code's L2 term in the loss
     if opt == "sam":
         assert cfg["rho"] == (0.05 if ds == "cifar10" else 0.10) and cfg["bn_update"] == "clean"
     else:
@@ -490,6 +493,7 @@ def test_fashionmnist_config_matches_protocol(key):
     assert cfg.get("cutout", False) == (aug == "cutout") and not cfg.get("autoaugment", False)
     if aug == "cutout":
         assert (cfg["cutout_size"], cfg["cutout_prob"], cfg["cutout_style"]) == (16, 1.0, "rwp")
+    assert cfg.get("weight_decay_in_loss", False) == (opt in ("sgd", "sam"))  # AMP/RWP: their own placement
     if opt == "sam":
         assert cfg["rho"] == 0.05 and cfg["bn_update"] == "clean"
     if opt == "amp":
