@@ -26,10 +26,18 @@ OFFICIAL = {
     "rwp_vgg16_bn": (15_253_578, 15_299_748, 58),
     "rwp_wrn16_8": (17_158_106, 17_204_276, 62),
     "rwp_wrn28_10": (46_160_474, 46_218_164, 98),
+    # torchvision's ResNets: 11,689,512 / 25,557,032 parameters at 1000 classes (torchvision docs)
+    "tv_resnet18": (11_181_642, 11_227_812, 62),
+    "tv_resnet50": (23_528_522, 23_712_932, 161),
 }
+
+
+def test_torchvision_resnets_have_torchvisions_imagenet_counts():
+    assert meta_counts("tv_resnet18", 1000) == (11_689_512, 62)
+    assert meta_counts("tv_resnet50", 1000) == (25_557_032, 161)
 # Families whose official code has a `dropout` rate, one small member each.
 WITH_DROPOUT = ("preactresnet18", "wrn16_4", "vgg11", "vgg11_nobn", "pyramidnet110_48", "rwp_wrn16_8")
-WITHOUT_DROPOUT = ("resnet18", "rwp_resnet18", "rwp_vgg16", "rwp_vgg16_bn")
+WITHOUT_DROPOUT = ("resnet18", "rwp_resnet18", "rwp_vgg16", "rwp_vgg16_bn", "tv_resnet18")
 
 
 def meta_counts(name, num_classes, **kwargs):
