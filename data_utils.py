@@ -47,6 +47,10 @@ DATASETS = {
     "fashionmnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,)),
     # Random tensors of CIFAR shape, for benchmarks (timings do not depend on pixel values).
     "synthetic": DatasetInfo(10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    # ImageFolder files streamed by data_folder.py; the Trainer takes the class count from the train
+    # folders and the size from --image_size (1000 and 224 stand in for the config checks).
+    # Mean/std of the official script's transforms.Normalize.
+    "imagenet": DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 

@@ -19,8 +19,9 @@ EXIT_RUNTIME, EXIT_USAGE = 1, 2
 @dataclass
 class Config:
     # data
-    dataset: str = "cifar10"          # cifar10 | cifar100 | svhn | fashionmnist | synthetic
-    data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files)
+    dataset: str = "cifar10"          # cifar10 | cifar100 | svhn | fashionmnist | synthetic | imagenet
+    data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files; imagenet: train/ val/)
+    image_size: int = 224             # imagenet: train RandomResizedCrop side; val Resize(side·256/224) + CenterCrop
     download: bool = False            # let torchvision download the dataset
     train_size: int = 0               # use only the first N training samples (0 = all)
     test_size: int = 0                # use only the first N test samples (0 = all)
@@ -88,7 +89,7 @@ class Config:
 
 
 CHOICES = {
-    "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic"),
+    "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic", "imagenet"),
     "pad_mode": ("constant", "reflect"),
     "cutout_style": ("amp", "rwp"),
     "optimizer": ("sgd", "amp", "rwp", "sam", "asam"),
@@ -109,7 +110,7 @@ RANGES = [
     ("inner_iter", 0, None, True), ("gamma", 0, None, True), ("alpha", 0, 1, True),
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
     ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("workers", 0, None, True),
-    ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("seed", 0, 2 ** 32 - 1, True),
+    ("eval_every", 1, None, True), ("image_size", 8, None, True), ("eval_batch_size", 1, None, True), ("seed", 0, 2 ** 32 - 1, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Fields that may differ when resuming a run: they do not change what is computed (device,
@@ -197,6 +198,9 @@ def _validate(cfg: Config):
                          f"got {cfg.crop_padding}")
     if cfg.augment and cfg.crop_padding > size:
         raise UsageError(f"crop_padding: at most the image size ({size} pixels), got {cfg.crop_padding}")
+    if cfg.dataset == "imagenet" and (cfg.cutout or cfg.autoaugment):
+        raise UsageError(f"{'cutout' if cfg.cutout else 'autoaugment'}: not available for imagenet "
+                         "(its augmentation is RandomResizedCrop + flip, as in the official script)")
     if cfg.std and min(cfg.std) <= 0:
         raise UsageError(f"std: values must be > 0, got {cfg.std}")
     import models
