@@ -181,17 +181,17 @@ def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
 
 
 def test_sigkill_then_resume_with_workers_equals_uninterrupted(data, tmp_path):
-    args = [*SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "3", "--workers", "2",
+    args = [*SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "4", "--workers", "2",
             "--out_dir", str(tmp_path / "runs")]
-    assert run(tmp_path, *SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "3", "--workers", "0",
+    assert run(tmp_path, *SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "4", "--workers", "0",
                name="ref")[0] == 0
     run_dir = tmp_path / "runs" / "killed"
     p = subprocess.Popen([sys.executable, "main.py", *args, "--name", "killed"], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while p.poll() is None and not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.Random(0).uniform(0, 0.3))  # mid-epoch 2, or mid-checkpoint
+    while p.poll() is None and not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.Random(0).uniform(0, 0.15))  # in epoch 2 (0.2 s an epoch), or mid-checkpoint
     killed = p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.communicate()
