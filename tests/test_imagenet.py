@@ -261,3 +261,16 @@ def test_imagenet_recipe_dry_run():
     assert any("configs/imagenet/imagenet_tv_resnet18_rwp.yaml" in l and "--data_dir /d" in l for l in lines)
     assert any("configs/imagenet/imagenet_tv_resnet18_sgd.yaml" in l for l in lines)
     assert any("configs/imagenet/imagenet_tv_resnet50_rwp.yaml" in l for l in lines)
+
+
+def test_bench_imagenet_pipeline_quick(tmp_path, capsys):
+    import bench
+    out = tmp_path / "p.json"
+    assert bench.main_cli(["imagenet_pipeline", "--images", "4", "--width", "60", "--height", "45",
+                           "--image_size", "32", "--batch_size", "2", "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 4 and set(report["results"]) == {
+        "in_process/train", "in_process/val", "dataloader_1_worker/train", "dataloader_1_worker/val"}
+    assert all(r["ours"] > 0 and r["official"] > 0 for r in report["results"].values())
+    assert "| in process | train |" in capsys.readouterr().out
+    assert bench.main_cli(["imagenet_pipeline", "--quality", "0"]) == 2
