@@ -153,6 +153,9 @@ def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsy
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert state["fc.weight"].shape == (3, 512)  # the class count follows the train folders
     assert r[0]["images"] == 18
+    from runner.loading import load_run
+    model, cfg = load_run(str(run_dir))
+    assert cfg.dataset == "imagenet" and model.fc.out_features == 3
 
 
 def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
