@@ -65,6 +65,7 @@ RELEVANT_IF = {
     **{f: lambda c: c.get("cutout", True) for f in ("cutout_size", "cutout_prob", "cutout_style")},
     **{f: lambda c: c.get("augment", True) for f in ("crop_padding", "pad_mode", "flip")},
     "autoaugment_first": lambda c: c.get("autoaugment"),
+    "image_size": lambda c: c.get("dataset") == "imagenet",
     "pad_fill": lambda c: c.get("autoaugment") or (c.get("augment", True) and c.get("pad_mode") != "reflect"),
 }
 OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta", "bn_update"}

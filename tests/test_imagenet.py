@@ -156,6 +156,18 @@ def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsy
     from runner.loading import load_run
     model, cfg = load_run(str(run_dir))
     assert cfg.dataset == "imagenet" and model.fc.out_features == 3
+    # report.py: a top-5 column for imagenet groups; an older run without top-5 shows "–", no error
+    import report
+    old = tmp_path / "old" / "r"
+    shutil.copytree(run_dir, old)
+    summary = {k: v for k, v in summary.items() if "top5" not in k}
+    (old / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "| final top-5 error % |" in table and f"| {r[-1]['test_error_top5']:.2f} ± – |" in table
+    assert report.main([str(tmp_path / "old")]) == 0
+    assert "| – |" in capsys.readouterr().out.split("\n")[2]
 
 
 def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
