@@ -65,7 +65,8 @@ BENCH_OPTIMIZERS = ("sgd", "amp", "rwp", "sam", "asam")
 # Cutout on so that the pipeline runs the standard CIFAR augmentation: crop/4/fill 128, flip, Cutout 16).
 BENCH_DEFAULTS = ["--model", "wrn16_2", "--batch_size", "32", "--cutout"]
 # Training-set sizes: an epoch's number of optimizer steps (and the pipeline's data when train_size=0).
-TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000}
+TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000,
+              "imagenet": 1281167}  # ILSVRC-2012 training images
 QUICK = dict(steps=2, warmup=1, repeats=1, pipeline_batches=2, eval_batches=1)
 # Counts per device. CPU: blocks of one step, the optimizers interleaved step by step, so that a
 # drift of the machine's speed (other processes, a shared host) hits all alike; median of the
@@ -342,10 +343,11 @@ def _synthetic_batches(cfg, device, count):
     import torch
     import data_utils
     info = data_utils.DATASETS[cfg.dataset]
+    size = cfg.image_size if cfg.dataset == "imagenet" else info.size  # (imagenet: the crop side)
     g = torch.Generator().manual_seed(cfg.seed)
     out = []
     for _ in range(count):
-        x = torch.randn(cfg.batch_size, info.channels, info.size, info.size, generator=g).to(device)
+        x = torch.randn(cfg.batch_size, info.channels, size, size, generator=g).to(device)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append((x, torch.randint(0, info.num_classes, (cfg.batch_size,), generator=g).to(device)))
@@ -469,7 +471,8 @@ def bench_eval(args, cfg, device):
     autocast = autocast_for(cfg, device)
     bs = cfg.eval_batch_size
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    x_all = torch.randint(0, 256, (bs, info.channels, info.size, info.size), generator=g, dtype=torch.uint8).to(device)
+    size = cfg.image_size if cfg.dataset == "imagenet" else info.size
+    x_all = torch.randint(0, 256, (bs, info.channels, size, size), generator=g, dtype=torch.uint8).to(device)
     y_all = torch.randint(0, info.num_classes, (bs,), generator=g).to(device)
     aug = _augment(cfg)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
@@ -627,7 +630,8 @@ def run(argv):
     probe = _OtherCPU().start()
     report["train"], report["steps_per_epoch"] = bench_train(args, cfg, device) if args.optimizers else ([], None)
     others["train"], probe = probe.stop(), _OtherCPU().start()
-    report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches else None
+    # (imagenet's pipeline decodes files: `bench.py imagenet_pipeline` times it)
+    report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches and cfg.dataset != "imagenet" else None
     others["pipeline"], probe = probe.stop(), _OtherCPU().start()
     report["eval"] = bench_eval(args, cfg, device) if args.eval_batches else None
     others["eval"] = probe.stop()

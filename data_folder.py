@@ -93,6 +93,25 @@ class FolderData:
         keep = _subset(len(val_paths), test_size)
         self.val = (os.path.join(root, "val"), val_paths[keep], val_labels[keep])
 
+    @classmethod
+    def shared(cls, root: str, train_size: int = 0, test_size: int = 0):
+        """FolderData listed once, by rank 0, and broadcast to every process under torch.distributed
+        (64 processes each listing ImageNet's 1.3M files would load a shared file system 64 times
+        over); a DataError there is raised on every rank."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls(root, train_size, test_size)
+        box = [None]
+        if dist.get_rank() == 0:
+            try:
+                box = [cls(root, train_size, test_size)]
+            except DataError as e:
+                box = [str(e)]
+        dist.broadcast_object_list(box, 0)
+        if isinstance(box[0], str):
+            raise DataError(box[0])
+        return box[0]
+
     @property
     def num_classes(self):
         return len(self.classes)
@@ -169,9 +188,10 @@ def _loader(ds, order, workers, device):
     """Whole batches from `ds` in `order`, built in min(workers, CPUs) worker processes (0: here)."""
     from torch.utils.data import DataLoader
     workers = min(workers, _cpu_count(), len(order))
+    # (each worker builds whole batches, 2 ahead: DataLoader's default prefetch; with batch 256 at 224²
+    # that is 2 × 38 MB of shared memory per worker)
     return DataLoader(ds, batch_size=None, sampler=order, num_workers=workers,
-                      pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+                      pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
 
 
 class _Batches(torch.utils.data.Dataset):

@@ -149,6 +149,8 @@ def load_dataset(dataset: str, data_dir: str, train: bool, download: bool = Fals
         g = torch.Generator().manual_seed(seed * 2 + int(train))
         x = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g, dtype=torch.uint8)
         return x, torch.randint(0, info.num_classes, (n,), generator=g)
+    if dataset == "imagenet":
+        raise DataError("imagenet is streamed from its files (data_folder.FolderData), not loaded whole")
     if dataset == "fashionmnist":
         x, y = _fashion_mnist(data_dir, train, download)
     else:

@@ -171,7 +171,7 @@ class Trainer:
         self.folder = None  # folder datasets (imagenet) are streamed from files, see data_folder.py
         if cfg.dataset == "imagenet":
             import data_folder
-            self.folder = data_folder.FolderData(cfg.data_dir, cfg.train_size, cfg.test_size)
+            self.folder = data_folder.FolderData.shared(cfg.data_dir, cfg.train_size, cfg.test_size)
             info = dataclasses.replace(info, num_classes=self.folder.num_classes, size=cfg.image_size)
             n_test = len(self.folder.val[1])
         else:

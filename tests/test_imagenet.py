@@ -292,3 +292,16 @@ def test_bench_imagenet_pipeline_quick(tmp_path, capsys):
     assert all(r["ours"] > 0 and r["official"] > 0 for r in report["results"].values())
     assert "| in process | train |" in capsys.readouterr().out
     assert bench.main_cli(["imagenet_pipeline", "--quality", "0"]) == 2
+
+
+def test_bench_training_step_at_imagenet_shape(tmp_path):
+    """bench.py --dataset imagenet: synthetic batches of image_size (the file pipeline is timed by
+    `bench.py imagenet_pipeline`, so the CIFAR pipeline phase is skipped)."""
+    import bench
+    out = tmp_path / "b.json"
+    assert bench.main_cli(["--dataset", "imagenet", "--no-cutout", "--model", "wrn10_1", "--image_size", "40",
+                           "--batch_size", "4", "--quick", "--optimizers", "sgd", "--eval_batch_size", "4",
+                           "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["pipeline"] is None and report["train"][0]["optimizer"] == "sgd"
+    assert report["steps_per_epoch"] == 1281167 // 4 + 1  # ILSVRC-2012's training set
