@@ -190,7 +190,10 @@ def _loader(ds, order, workers, device):
     workers = min(workers, _cpu_count(), len(order))
     # (each worker builds whole batches, 2 ahead: DataLoader's default prefetch; with batch 256 at 224²
     # that is 2 × 38 MB of shared memory per worker)
+    # its own generator: DataLoader would otherwise draw its (here unused) worker seed from the global
+    # RNG, which drives dropout, and a mid-epoch resume would then draw it once more than a whole run
     return DataLoader(ds, batch_size=None, sampler=order, num_workers=workers,
+                      generator=torch.Generator().manual_seed(0),
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
 
 

@@ -173,7 +173,7 @@ def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsy
 def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
     """RWP (two loaders a step): SIGTERM at step 7 (epoch 2, step 2), resume: the metrics of an
     uninterrupted run, and the resumed epoch decodes only the batches it still needs."""
-    args = [*SMALL, "--data_dir", data, "--optimizer", "rwp", "--epochs", "2", "--workers", "0"]
+    args = [*SMALL, "--data_dir", data, "--optimizer", "rwp", "--epochs", "2", "--workers", "0", "--dropout", "0.2"]
     assert run(tmp_path, *args, name="full")[0] == 0
     real, calls = main.Trainer.closure_for, []
 
@@ -196,10 +196,9 @@ def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
 
 
 def test_sigkill_then_resume_with_workers_equals_uninterrupted(data, tmp_path):
-    args = [*SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "4", "--workers", "2",
-            "--out_dir", str(tmp_path / "runs")]
-    assert run(tmp_path, *SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "4", "--workers", "0",
-               name="ref")[0] == 0
+    common = [*SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "4", "--dropout", "0.2"]
+    args = [*common, "--workers", "2", "--out_dir", str(tmp_path / "runs")]
+    assert run(tmp_path, *common, "--workers", "0", name="ref")[0] == 0
     run_dir = tmp_path / "runs" / "killed"
     pid = os.fork()  # a child of this process (torch already imported): SIGKILLed below
     if pid == 0:
