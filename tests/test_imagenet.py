@@ -75,6 +75,21 @@ def test_decode_matches_torchvision_transforms(tmp_path):
             assert np.abs(ours - ref).mean() < tol
 
 
+def test_grayscale_cmyk_and_png_named_jpeg_decode_to_rgb(data):
+    """ImageNet's odd files: each becomes RGB as torchvision's loader (PIL convert("RGB")) makes it."""
+    from PIL import Image
+    for path in (os.path.join(data, "train", "n00000000", "train_0_0.JPEG"),   # grayscale JPEG
+                 os.path.join(data, "train", "n00000001", "train_1_0.JPEG"),   # CMYK JPEG
+                 os.path.join(data, "val", "n00000002", "val_2_0.JPEG")):      # a PNG
+        with Image.open(path) as im:
+            assert im.mode in ("L", "CMYK", "RGB") and (im.format == "PNG") == path.endswith("val_2_0.JPEG")
+            ref = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR, box=(0, 0) + im.size))
+        ours = data_folder.load_val(path, 32)
+        assert ours.shape == (32, 32, 3) and ours.dtype == np.uint8
+        # the same colours (centre crop vs the whole image: compare channel means loosely)
+        assert np.abs(ours.reshape(-1, 3).mean(0) - ref.reshape(-1, 3).mean(0)).max() < 25, path
+
+
 def test_crop_params_follow_random_resized_crop():
     rng = random.Random(0)
     for _ in range(2000):
