@@ -65,7 +65,8 @@ BENCH_OPTIMIZERS = ("sgd", "amp", "rwp", "sam", "asam")
 # Cutout on so that the pipeline runs the standard CIFAR augmentation: crop/4/fill 128, flip, Cutout 16).
 BENCH_DEFAULTS = ["--model", "wrn16_2", "--batch_size", "32", "--cutout"]
 # Training-set sizes: an epoch's number of optimizer steps (and the pipeline's data when train_size=0).
-TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000}
+TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000,
+              "imagenet": 1281167}  # ILSVRC-2012 training images
 QUICK = dict(steps=2, warmup=1, repeats=1, pipeline_batches=2, eval_batches=1)
 # Counts per device. CPU: blocks of one step, the optimizers interleaved step by step, so that a
 # drift of the machine's speed (other processes, a shared host) hits all alike; median of the
@@ -342,10 +343,11 @@ def _synthetic_batches(cfg, device, count):
     import torch
     import data_utils
     info = data_utils.DATASETS[cfg.dataset]
+    size = cfg.image_size if cfg.dataset == "imagenet" else info.size  # (imagenet: the crop side)
     g = torch.Generator().manual_seed(cfg.seed)
     out = []
     for _ in range(count):
-        x = torch.randn(cfg.batch_size, info.channels, info.size, info.size, generator=g).to(device)
+        x = torch.randn(cfg.batch_size, info.channels, size, size, generator=g).to(device)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append((x, torch.randint(0, info.num_classes, (cfg.batch_size,), generator=g).to(device)))
@@ -469,7 +471,8 @@ def bench_eval(args, cfg, device):
     autocast = autocast_for(cfg, device)
     bs = cfg.eval_batch_size
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    x_all = torch.randint(0, 256, (bs, info.channels, info.size, info.size), generator=g, dtype=torch.uint8).to(device)
+    size = cfg.image_size if cfg.dataset == "imagenet" else info.size
+    x_all = torch.randint(0, 256, (bs, info.channels, size, size), generator=g, dtype=torch.uint8).to(device)
     y_all = torch.randint(0, info.num_classes, (bs,), generator=g).to(device)
     aug = _augment(cfg)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
@@ -627,7 +630,8 @@ def run(argv):
     probe = _OtherCPU().start()
     report["train"], report["steps_per_epoch"] = bench_train(args, cfg, device) if args.optimizers else ([], None)
     others["train"], probe = probe.stop(), _OtherCPU().start()
-    report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches else None
+    # (imagenet's pipeline decodes files: `bench.py imagenet_pipeline` times it)
+    report["pipeline"] = bench_pipeline(args, cfg, device) if args.pipeline_batches and cfg.dataset != "imagenet" else None
     others["pipeline"], probe = probe.stop(), _OtherCPU().start()
     report["eval"] = bench_eval(args, cfg, device) if args.eval_batches else None
     others["eval"] = probe.stop()
@@ -644,9 +648,161 @@ def run(argv):
     return report
 
 
+# ----------------------------------------------------------------------------- ImageNet pipeline mode
+
+def _folder_parser():
+    p = _Parser(prog="bench.py imagenet_pipeline", allow_abbrev=False,
+                description="Decoded + augmented images/s per CPU core: our ImageNet pipeline (data_folder.py) "
+                            "against the official one (torchvision ImageFolder + PIL transforms), same run.")
+    p.add_argument("--images", type=int, default=200, help="JPEGs written (default 200)")
+    p.add_argument("--width", type=int, default=500, help="image width (default 500; ImageNet's typical 500x375)")
+    p.add_argument("--height", type=int, default=375, help="image height (default 375)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--image_size", type=int, default=224, help="train crop / val crop side (default 224)")
+    p.add_argument("--batch_size", type=int, default=50, help="batch size (default 50)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians reported (default 5)")
+    p.add_argument("--data_dir", help="an existing ImageFolder (train/, val/) instead of generated JPEGs")
+    p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    return p
+
+
+def _write_jpegs(root, n, width, height, quality, seed=0):
+    """n JPEGs (10 classes, train/ and val/ alike) of smooth colour fields with detail and noise: about
+    the entropy, hence the decode cost, of photographs at that size (the mean file size is reported)."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for split in ("train", "val"):
+        for i in range(n):
+            folder = os.path.join(root, split, f"n{i % 10:08d}")
+            os.makedirs(folder, exist_ok=True)
+            f = rng.uniform(5, 40, 3)
+            img = np.stack([np.sin(x / f[0] + rng.uniform(0, 6)) * np.cos(y / f[1]) * 80 + 128,
+                            (x * y / (f[2] * 400)) % 256, np.hypot(x - width / 2, y - height / 2) % 256], -1)
+            img += rng.normal(0, 25, img.shape)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                os.path.join(folder, f"{split}_{i}.JPEG"), quality=quality)
+
+
+def _official_datasets(root, size):
+    """The official script's train and val datasets (nblt/RWP train_rwp_imagenet.py)."""
+    from torchvision import datasets, transforms
+    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    train = datasets.ImageFolder(os.path.join(root, "train"), transforms.Compose([
+        transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
+    val = datasets.ImageFolder(os.path.join(root, "val"), transforms.Compose([
+        transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor(), normalize]))
+    return train, val
+
+
+def bench_imagenet_pipeline(argv):
+    """Per-core rates (one process, one thread, no DataLoader: the work one worker does per batch) of
+    ours (decode + crop + resize to uint8 batches; flip and normalisation run on the device) and the
+    official pipeline (per-sample PIL decode, transforms, ToTensor, Normalize, default_collate), train
+    and val, interleaved round by round (order alternating); then each through a DataLoader with one
+    worker, also interleaved (a whole pipeline: worker + transfer to the main process)."""
+    import statistics
+    import tempfile
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    import data_folder
+    args = _folder_parser().parse_args(argv)
+    for k in ("images", "width", "height", "image_size", "batch_size", "repeats"):
+        if getattr(args, k) < 1:
+            raise UsageError(f"--{k}: {getattr(args, k)} must be >= 1")
+    if not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality: {args.quality} must be in 1..100")
+    if args.json is not None:
+        check_output("--json", args.json)
+    torch.set_num_threads(1)
+    tmp = None
+    root = args.data_dir
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_imagenet_")
+        root = tmp.name
+        _write_jpegs(root, args.images, args.width, args.height, args.quality)
+    try:
+        folder = data_folder.FolderData(root)
+        files = [os.path.join(folder.train[0], p.decode()) for p in folder.train[1]]
+        mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
+        n = len(files)
+        order = np.arange(n)
+        bs, size = args.batch_size, args.image_size
+        batches = [order[i:i + bs] for i in range(0, n, bs)]
+        ours = {"train": data_folder._Batches(folder.train[0], folder.train[1], folder.train[2], batches, size,
+                                              train=True, base=1, flip=True),
+                "val": data_folder._Batches(folder.val[0], folder.val[1], folder.val[2],
+                                            [np.arange(len(folder.val[1]))[i:i + bs]
+                                             for i in range(0, len(folder.val[1]), bs)], size, train=False)}
+        official = dict(zip(("train", "val"), _official_datasets(root, size)))
+        from torch.utils.data import default_collate
+
+        def run_ours(split):
+            ds = ours[split]
+            return sum(len(ds[b][1]) for b in range(len(ds)))
+
+        def run_official(split):
+            ds, count = official[split], 0
+            for i in range(0, len(ds), bs):
+                x, y = default_collate([ds[j] for j in range(i, min(i + bs, len(ds)))])
+                count += len(y)
+            return count
+
+        def loader_ours(split):
+            return sum(len(b[1]) for b in DataLoader(ours[split], batch_size=None, num_workers=1))
+
+        def loader_official(split):
+            return sum(len(y) for _, y in DataLoader(official[split], batch_size=bs, num_workers=1))
+
+        sides = {"ours": run_ours, "official": run_official}
+        loaders = {"ours": loader_ours, "official": loader_official}
+        results = {}
+        load_start = list(os.getloadavg())
+        for label, fns in (("in_process", sides), ("dataloader_1_worker", loaders)):
+            for split in ("train", "val"):
+                rates = {k: [] for k in fns}
+                for r in range(args.repeats):
+                    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):  # alternate who goes first
+                        t0 = time.perf_counter()
+                        count = fns[name](split)
+                        rates[name].append(count / (time.perf_counter() - t0))
+                results[f"{label}/{split}"] = {k: statistics.median(v) for k, v in rates.items()} | {
+                    "all": rates, "speedup": statistics.median(a / b for a, b in zip(rates["ours"], rates["official"]))}
+        report = dict(bench="bench.py imagenet_pipeline", date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                      command=" ".join(["python", "bench.py", "imagenet_pipeline", *argv]),
+                      device=_device_name(torch.device("cpu")), cpus=os.cpu_count(), torch=torch.__version__,
+                      pillow=__import__("PIL").__version__, images=n, mean_file_kb=round(mean_kb, 1),
+                      image=f"{args.width}x{args.height} q{args.quality}" if args.data_dir is None else args.data_dir,
+                      image_size=size, batch_size=bs, repeats=args.repeats, loadavg_start=load_start,
+                      loadavg_end=list(os.getloadavg()), results=results)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    lines = [f"bench.py imagenet_pipeline: {n} JPEGs {report['image']} (mean {mean_kb:.0f} KB), crop {size}, "
+             f"batch {bs} | {report['device']} | torch {torch.__version__}, Pillow {report['pillow']} | {report['date']}",
+             f"machine load: loadavg {load_start[0]:.2f}→{report['loadavg_end'][0]:.2f}", "",
+             "| pipeline | split | ours img/s | official img/s | ours / official |", "|---|---|---:|---:|---:|"]
+    for key, r in results.items():
+        label, split = key.split("/")
+        lines.append(f"| {label.replace('_', ' ')} | {split} | {r['ours']:.0f} | {r['official']:.0f} | {r['speedup']:.2f} |")
+    lines.append(f"(median of {args.repeats} interleaved rounds; in process = one core, one thread; "
+                 "ours / official = median of the per-round ratios)")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return report
+
+
 def main_cli(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["imagenet_pipeline"]:
+            bench_imagenet_pipeline(argv[1:])
+            return 0
         run(argv)
     except UsageError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)

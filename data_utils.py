@@ -48,6 +48,10 @@ DATASETS = {
     "fashionmnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,)),
     # Random tensors of CIFAR shape, for benchmarks (timings do not depend on pixel values).
     "synthetic": DatasetInfo(10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    # ImageFolder files streamed by data_folder.py; the Trainer takes the class count from the train
+    # folders and the size from --image_size (1000 and 224 stand in for the config checks).
+    # Mean/std of the official script's transforms.Normalize.
+    "imagenet": DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
@@ -183,6 +187,8 @@ def load_dataset(dataset: str, data_dir: str, train: bool, download: bool = Fals
         g = torch.Generator().manual_seed(seed * 2 + int(train))
         x = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g, dtype=torch.uint8)
         return x, torch.randint(0, info.num_classes, (n,), generator=g)
+    if dataset == "imagenet":
+        raise DataError("imagenet is streamed from its files (data_folder.FolderData), not loaded whole")
     if dataset == "fashionmnist":
         x, y = _fashion_mnist(data_dir, train, download)
     else:

@@ -157,12 +157,15 @@ def train(cfg: Config, explicit: set, argv) -> int:
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.time() - t0
-            test_loss = test_error = None
+            test_loss = test_error = test_error5 = None
+            bad_images = trainer.bad_images()
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                test_loss, test_error = trainer.evaluate()
+                test_loss, test_error, test_error5 = trainer.evaluate()
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_error": train_error,
-                   "test_loss": test_loss, "test_error": test_error, "lr": lr,
+                   "test_loss": test_loss, "test_error": test_error, "test_error_top5": test_error5, "lr": lr,
                    "epoch_time_s": round(epoch_time, 3), "images": images}
+            if bad_images is not None:  # folder data: unreadable images replaced this epoch
+                row["bad_images"] = bad_images
             if trainer.scaler is not None:  # fp16: steps skipped for overflow, the loss scale now
                 row.update(skipped_steps=trainer.scaler.pop_skipped(), loss_scale=trainer.scaler.scale.item())
             trainer.history.append(row)
@@ -170,7 +173,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
                 trainer.save_checkpoint(epoch + 1)
                 log.metrics(row)
             saved = epoch + 1, 0
-            test = f"test loss {test_loss:.4f} err {test_error:.2f}%" if test_error is not None else "test -"
+            test = (f"test loss {test_loss:.4f} err {test_error:.2f}% top-5 {test_error5:.2f}%"
+                    if test_error is not None else "test -")
             log.line(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} err {train_error:.2f}%  "
                      f"{test}  lr {lr:.4g}  {epoch_time:.1f}s")
             train_time += epoch_time

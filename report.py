@@ -72,6 +72,7 @@ RELEVANT_IF = {
     **{f: lambda c: c.get("augment", True) for f in ("crop_padding", "pad_mode", "flip")},
     "autoaugment_first": lambda c: c.get("autoaugment"),
     "autoaugment_policy": lambda c: c.get("autoaugment"),
+    "image_size": lambda c: c.get("dataset") == "imagenet",
     "pad_fill": lambda c: c.get("autoaugment") or (c.get("augment", True) and c.get("pad_mode") != "reflect"),
 }
 OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta", "bn_update", "sam_m",
@@ -286,13 +287,15 @@ def summarize(runs):
         final = [float(r.summary["final_test_error"]) for r in members]
         best = [float(r.summary["best_test_error"]) for r in members]
         (fm, fs), (bm, bs) = _mean_std(final), _mean_std(best)
+        top5 = [r.summary.get("final_test_error_top5") for r in members]  # absent in runs before top-5
+        t5m, t5s = _mean_std([float(v) for v in top5]) if all(isinstance(v, (int, float)) for v in top5) else (None, None)
         paper, spread, ref = (_agree(members, f) for f in ("paper_error", "paper_spread", "paper_ref"))
         out.append({
             "dataset": key.get("dataset"), "model": key.get("model"), "optimizer": key.get("optimizer"),
             "setting": _setting(key, varying, defaults), "_sort": _setting(key, data_fields, defaults),
             "n": len(members), "seeds": seeds,
             "final_mean": fm, "final_std": fs, "best_mean": bm, "best_std": bs,
-            "final": final, "best": best,
+            "final": final, "best": best, "final_top5_mean": t5m, "final_top5_std": t5s,
             "paper_error": paper, "paper_spread": spread, "paper_ref": ref or "",
             "diff_final": fm - paper if paper is not None else None,
             "diff_best": bm - paper if paper is not None else None,
@@ -318,8 +321,10 @@ def _pm(mean, std) -> str:
 
 def markdown(groups, others) -> str:
     show_setting = any(g["setting"] for g in groups)
+    show_top5 = any(g.get("final_top5_mean") is not None and g["dataset"] == "imagenet" for g in groups)
     head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + [
-        "n", "final test error %", "best (picked on test) %", "paper %", "ours − paper"]
+        "n", "final test error %"] + (["final top-5 error %"] if show_top5 else []) + [
+        "best (picked on test) %", "paper %", "ours − paper"]
     lines = []
     if groups:
         lines += ["| " + " | ".join(head) + " |",
@@ -329,7 +334,9 @@ def markdown(groups, others) -> str:
                 f" ± {g['paper_spread']:g}" if g["paper_spread"] is not None else "")
             diff = "–" if g["diff_final"] is None else f"{g['diff_final']:+.2f}"
             cells = [g["dataset"], g["model"], g["optimizer"]] + ([g["setting"]] if show_setting else []) + [
-                g["n"], _pm(g["final_mean"], g["final_std"]), _pm(g["best_mean"], g["best_std"]), paper, diff]
+                g["n"], _pm(g["final_mean"], g["final_std"])] + (
+                ["–" if g.get("final_top5_mean") is None else _pm(g["final_top5_mean"], g["final_top5_std"])]
+                if show_top5 else []) + [_pm(g["best_mean"], g["best_std"]), paper, diff]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines += ["", NOTE]
     else:

@@ -1,7 +1,8 @@
 """Model registry: `build_model(name, num_classes, in_channels, dropout)` and `model_names()`.
 
 One file per family holds plain nn.Modules; this file maps names to them. Every model takes
-`in_channels` (1 for Fashion-MNIST, 3 for CIFAR/SVHN) and works at 28×28 and 32×32 inputs.
+`in_channels` (1 for Fashion-MNIST, 3 for CIFAR/SVHN) and works at 28×28 and 32×32 inputs
+(tv_resnet18/50, torchvision's ImageNet ResNets, at ImageNet sizes too).
 Names of the form `wrn{depth}_{width}` / `rwp_wrn{depth}_{width}` / `sam_wrn{depth}_{width}` are accepted for any
 depth = 6n+4 (n >= 1) and width >= 1; `model_names()` lists the common ones.
 `python -m models` prints the parameter table of docs/models.md.
@@ -9,7 +10,7 @@ depth = 6n+4 (n >= 1) and width >= 1; `model_names()` lists the common ones.
 import re
 from functools import partial
 
-from . import preactresnet, pyramidnet, resnet, samwrn, vgg, wideresnet
+from . import preactresnet, pyramidnet, resnet, samwrn, torchvision_resnet, vgg, wideresnet
 
 _AMP = "hiyouga/AMP-Regularizer models/"
 _RWP = "nblt/RWP models/"
@@ -56,6 +57,11 @@ for _d in (16, 19):
     for _bn in (False, True):
         _REGISTRY[f"rwp_vgg{_d}{'_bn' if _bn else ''}"] = (
             partial(vgg.rwp_vgg, _d, batch_norm=_bn), f"{_RWP}vgg.py `VGG{_d}{'BN' if _bn else ''}`")
+
+
+for _d in (18, 50):  # the official RWP ImageNet script's models (torchvision.models)
+    _REGISTRY[f"tv_resnet{_d}"] = (partial(torchvision_resnet.tv_resnet, _d),
+                                   f"torchvision.models `resnet{_d}` (nblt/RWP train_rwp_imagenet.py)")
 
 
 def model_names():

@@ -19,8 +19,9 @@ EXIT_RUNTIME, EXIT_USAGE = 1, 2
 @dataclass
 class Config:
     # data
-    dataset: str = "cifar10"          # cifar10 | cifar100 | svhn | fashionmnist | synthetic
-    data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files)
+    dataset: str = "cifar10"          # cifar10 | cifar100 | svhn | fashionmnist | synthetic | imagenet
+    data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files; imagenet: train/ val/)
+    image_size: int = 224             # imagenet: train RandomResizedCrop side; val Resize(side·256/224) + CenterCrop
     download: bool = False            # let torchvision download the dataset
     train_size: int = 0               # use only the first N training samples (0 = all)
     test_size: int = 0                # use only the first N test samples (0 = all)
@@ -95,7 +96,7 @@ class Config:
 
 
 CHOICES = {
-    "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic"),
+    "dataset": ("cifar10", "cifar100", "svhn", "fashionmnist", "synthetic", "imagenet"),
     "pad_mode": ("constant", "reflect"),
     "cutout_style": ("amp", "rwp"),
     "autoaugment_policy": ("torchvision", "sam"),
@@ -119,7 +120,8 @@ RANGES = [
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
     ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
     ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
-    ("eval_every", 1, None, True), ("eval_batch_size", 1, None, True), ("seed", 0, 2 ** 32 - 1, True),
+    ("eval_every", 1, None, True), ("image_size", 8, None, True), ("eval_batch_size", 1, None, True),
+    ("seed", 0, 2 ** 32 - 1, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Fields that may differ when resuming a run: they do not change what is computed (device,
@@ -204,7 +206,6 @@ def _validate(cfg: Config):
         raise UsageError(f"autoaugment_policy: the SAM code's policy takes RGB images; {cfg.dataset} has 1 channel")
     if cfg.sam_m and cfg.precision == "fp16":  # its per-pass unscaling would rescale the running sum
         raise UsageError("sam_m: m-sharpness does not work with precision fp16 (use bf16 or fp32)")
->>>>>>> issue15
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
         raise UsageError(f"milestones: {cfg.milestones} must be non-negative epochs in increasing order")
     from data_utils import DATASETS
@@ -221,6 +222,9 @@ def _validate(cfg: Config):
         raise UsageError(f"crop_padding: at most the image size ({size} pixels), got {cfg.crop_padding}")
     if not all(math.isfinite(v) for v in cfg.mean + cfg.std):
         raise UsageError(f"{'mean' if not all(map(math.isfinite, cfg.mean)) else 'std'}: values must be finite numbers")
+    if cfg.dataset == "imagenet" and (cfg.cutout or cfg.autoaugment):
+        raise UsageError(f"{'cutout' if cfg.cutout else 'autoaugment'}: not available for imagenet "
+                         "(its augmentation is RandomResizedCrop + flip, as in the official script)")
     if cfg.std and min(cfg.std) <= 0:
         raise UsageError(f"std: values must be > 0, got {cfg.std}")
     if cfg.cutout and cfg.cutout_size > size:

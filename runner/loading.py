@@ -35,7 +35,11 @@ def load_run(run_dir: str, device="cpu"):
     import models
     ckpt, cfg = read_checkpoint(run_dir)
     info = data_utils.DATASETS[cfg.dataset]
-    model = models.build_model(cfg.model, info.num_classes, info.channels, dropout=cfg.dropout)
+    classes = info.num_classes
+    if cfg.dataset == "imagenet":  # the class count came from the train folders: the classifier's rows
+        matrices = [v for v in ckpt["model"].values() if torch.is_tensor(v) and v.dim() == 2]
+        classes = matrices[-1].shape[0] if matrices else classes
+    model = models.build_model(cfg.model, classes, info.channels, dropout=cfg.dropout)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -47,4 +51,7 @@ def load_data(cfg: Config, train: bool = False):
     """The run's own data set (its train_size/test_size subset) as uint8 images and int64 labels."""
     import data_utils
     size = cfg.train_size if train else cfg.test_size
+    if cfg.dataset == "imagenet":
+        raise UsageError("imagenet is streamed from its files, not loaded whole: "
+                         "data_folder.FolderData(cfg.data_dir) lists them, its test_batches() streams val")
     return data_utils.load_dataset(cfg.dataset, cfg.data_dir, train, False, size, cfg.seed)

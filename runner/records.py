@@ -176,11 +176,15 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
     time, and how the run was launched (process count; RWP's parallel or sequential mode)."""
     tested = [r for r in history if r["test_error"] is not None]
     best = min(tested, key=lambda r: r["test_error"]) if tested else None
+    top5 = [r["test_error_top5"] for r in tested if r.get("test_error_top5") is not None]
     summary = {
         "status": status, "message": message,
         "final_test_error": tested[-1]["test_error"] if tested else None,
         "best_test_error": best["test_error"] if best else None,
         "best_epoch": best["epoch"] if best else None,
+        # top-5 error % (null where the rows have none: runs from before it was recorded): last and lowest
+        "final_test_error_top5": tested[-1].get("test_error_top5") if tested else None,
+        "best_test_error_top5": min(top5) if top5 else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "epochs_completed": len(history), "epochs": cfg.epochs,
         "wall_time_s": round(wall, 3), "train_time_s": round(train_time, 3),

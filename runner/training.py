@@ -197,17 +197,26 @@ class Trainer:
 
         # data
         info = data_utils.DATASETS[cfg.dataset]
+        self.folder = None  # folder datasets (imagenet) are streamed from files, see data_folder.py
+        if cfg.dataset == "imagenet":
+            import data_folder
+            self.folder = data_folder.FolderData.shared(cfg.data_dir, cfg.train_size, cfg.test_size)
+            info = dataclasses.replace(info, num_classes=self.folder.num_classes, size=cfg.image_size)
+            n_test = len(self.folder.val[1])
+        else:
+            xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
+            xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
+            n_test = len(xte)
+            for name, asked, have in (("train_size", cfg.train_size, len(xtr)), ("test_size", cfg.test_size, n_test)):
+                if asked > have:
+                    raise UsageError(f"{name}: {asked} is more than the {have} samples of {cfg.dataset}'s "
+                                     f"{name[:-5]} set (0 = all)")
         self.info = info
-        xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
-        xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
-        for name, asked, have in (("train_size", cfg.train_size, len(xtr)), ("test_size", cfg.test_size, len(xte))):
-            if asked > have:
-                raise UsageError(f"{name}: {asked} is more than the {have} samples of {cfg.dataset}'s "
-                                 f"{name[:-5]} set (0 = all)")
         self.aug = build_augment(cfg, info)
-        if len(xte) < self.world:
-            raise UsageError(f"test_size: {len(xte)} test sample(s) cannot be split across {self.world} processes")
-        self.test_x, self.test_y = xte.to(self.device), yte.to(self.device)
+        if n_test < self.world:
+            raise UsageError(f"test_size: {n_test} test sample(s) cannot be split across {self.world} processes")
+        if self.folder is None:
+            self.test_x, self.test_y = xte.to(self.device), yte.to(self.device)
 
         # model
         self.model, self.net, no_sync = build_net(cfg, info, self.device, self.world)
@@ -221,11 +230,18 @@ class Trainer:
             raise UsageError(f"torchrun: {cfg.optimizer} needs a world size divisible by {groups}, got {self.world}")
         policy = data_utils.autoaugment_policy(cfg.dataset, cfg.pad_fill, info.channels,
                                                cfg.autoaugment_policy) if cfg.autoaugment else None
-        self.loaders = [data_utils.TrainLoader(
-            xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,
-            stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
-            drop_last=cfg.drop_last,
-            autoaugment=policy, policy_first=cfg.autoaugment_first, workers=cfg.workers) for i in range(per_step)]
+        if self.folder is not None:
+            import data_folder
+            self.loaders = [data_folder.FolderTrainLoader(
+                self.folder, cfg.batch_size, cfg.image_size, self.aug, device=self.device, seed=cfg.seed,
+                stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
+                workers=cfg.workers, random_crop=cfg.augment, flip=cfg.augment and cfg.flip) for i in range(per_step)]
+        else:
+            self.loaders = [data_utils.TrainLoader(
+                xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,
+                stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
+                drop_last=cfg.drop_last,
+                autoaugment=policy, policy_first=cfg.autoaugment_first, workers=cfg.workers) for i in range(per_step)]
         self.steps_per_epoch = len(self.loaders[0])
         if self.steps_per_epoch == 0:
             raise UsageError(f"train_size: {self.loaders[0].num_samples} training sample(s) per process make "
@@ -338,6 +354,8 @@ class Trainer:
         self.model.train()
         for loader in self.loaders:
             loader.set_epoch(epoch)
+        if partial and self.folder is not None and self.rank == 0:  # replacements before the stop
+            self.loaders[0].bad_images = int(partial.get("bad_images", 0))
         start = partial["step"] if partial else 0
         loss0, wrong0, seen, images = partial["ranks"][self.rank] if partial else (0.0, 0, 0, 0)
         loss_sum = torch.tensor(loss0, device=self.device, dtype=torch.float64)
@@ -346,10 +364,13 @@ class Trainer:
         bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)  # first non-finite step
         if self.scaler is not None and partial:
             self.scaler.skipped = partial["skipped"]
-        iterators = [iter(loader) for loader in self.loaders]
-        for _ in range(start):  # skip the batches of the steps already done (the loaders' draws
-            for it in iterators:  # depend on seed, epoch and step only, not on the global RNG)
-                next(it)
+        if self.folder is not None:  # folder loaders start at any batch without decoding the ones before
+            iterators = [loader.iter_from(start) for loader in self.loaders]
+        else:
+            iterators = [iter(loader) for loader in self.loaders]
+            for _ in range(start):  # skip the batches of the steps already done (the loaders' draws
+                for it in iterators:  # depend on seed, epoch and step only, not on the global RNG)
+                    next(it)
         self.partial = None
         for step, batches in enumerate(zip(*iterators), start=start):
             batches = [(x.contiguous(memory_format=torch.channels_last), y) if self.cfg.channels_last else (x, y)
@@ -402,9 +423,12 @@ class Trainer:
             parts = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(parts, mine)
         return dict(step=step, ranks=[p.tolist() for p in parts],
-                    skipped=self.scaler.skipped if self.scaler is not None else 0)
+                    skipped=self.scaler.skipped if self.scaler is not None else 0,
+                    **({"bad_images": self.bad_images()} if self.folder is not None else {}))
 
     def evaluate(self):
+        """(test loss, top-1 error %, top-5 error %) of the model at θ on the whole test set, each
+        sample counted once (rank r of W takes samples r, r + W, ...)."""
         torch = self.torch
         import data_utils
         if self.world > 1:  # every rank evaluates rank 0's BN statistics
@@ -412,10 +436,17 @@ class Trainer:
             for b in self.model.buffers():
                 dist.broadcast(b, 0)
         self.model.eval()
-        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        totals = torch.zeros(4, device=self.device, dtype=torch.float64)
+        if self.folder is not None:
+            batches = self.folder.test_batches(self.cfg.eval_batch_size, self.cfg.image_size, self.aug,
+                                               device=self.device, shard=self.rank, num_shards=self.world,
+                                               workers=self.cfg.workers)
+        else:
+            batches = data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
+                                              device=self.device, shard=self.rank, num_shards=self.world)
+        k = min(5, self.info.num_classes)
         with torch.no_grad():
-            for x, y in data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
-                                                device=self.device, shard=self.rank, num_shards=self.world):
+            for x, y in batches:
                 if self.cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.autocast is not None:
@@ -426,11 +457,24 @@ class Trainer:
                 totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
                 totals[1] += (out.argmax(1) != y).sum()
                 totals[2] += len(y)
+                totals[3] += (out.topk(k, 1).indices != y.view(-1, 1)).all(1).sum()  # y not in the top k
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)
-        loss, wrong, n = totals.tolist()
-        return loss / n, 100.0 * wrong / n
+        loss, wrong, n, wrong5 = totals.tolist()
+        return loss / n, 100.0 * wrong / n, 100.0 * wrong5 / n
+
+    def bad_images(self):
+        """Unreadable images replaced in this epoch, over all ranks and loaders (folder data; else None)."""
+        if self.folder is None:
+            return None
+        torch = self.torch
+        t = torch.tensor(float(sum(loader.bad_images for loader in self.loaders)), dtype=torch.float64,
+                         device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return int(t.item())
 
 
 def _tensors(obj):

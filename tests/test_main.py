@@ -96,7 +96,7 @@ BAD = [
     (["--lr", "nan"], "lr: nan is out of range"),
     (["--batch_size", "0"], "batch_size: 0 is out of range"),
     (["--epochs", "-3"], "epochs: -3 is out of range"),
-    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--model", "resnet9000"], "model: unknown model 'resnet9000'; valid:"),
     (["--optimizer", "adam"], "invalid choice: 'adam'"),
     (["--alpha", "1.5"], "alpha: 1.5 is out of range"),

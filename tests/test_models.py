@@ -30,10 +30,18 @@ OFFICIAL = {
     "sam_wrn28_10": (36_220_634, 36_278_324, 77),
     # ... wide_resnet_shakeshake.py WideResnet28x6_ShakeShake (test_sam_models.py counts it layer by layer)
     "sam_shakeshake26_2x96d": (26_192_922, 26_227_572, 161),
+    # torchvision's ResNets: 11,689,512 / 25,557,032 parameters at 1000 classes (torchvision docs)
+    "tv_resnet18": (11_181_642, 11_227_812, 62),
+    "tv_resnet50": (23_528_522, 23_712_932, 161),
 }
+
+
+def test_torchvision_resnets_have_torchvisions_imagenet_counts():
+    assert meta_counts("tv_resnet18", 1000) == (11_689_512, 62)
+    assert meta_counts("tv_resnet50", 1000) == (25_557_032, 161)
 # Families whose official code has a `dropout` rate, one small member each.
 WITH_DROPOUT = ("preactresnet18", "wrn16_4", "vgg11", "vgg11_nobn", "pyramidnet110_48", "rwp_wrn16_8")
-WITHOUT_DROPOUT = ("resnet18", "rwp_resnet18", "rwp_vgg16", "rwp_vgg16_bn")
+WITHOUT_DROPOUT = ("resnet18", "rwp_resnet18", "rwp_vgg16", "rwp_vgg16_bn", "tv_resnet18")
 
 
 def meta_counts(name, num_classes, **kwargs):

@@ -22,7 +22,8 @@ DATA = ["--dataset", "fashionmnist", "--data_dir", FASHION_DIR] if HAVE_FASHION 
 TINY = DATA + ["--model", "wrn10_1", "--train_size", "256", "--test_size", "128", "--batch_size", "64",
                "--epochs", "2", "--eval_batch_size", "128", "--optimizer", "sgd"]
 PAPER = ["--paper_error", "4.57", "--paper_spread", "0.07", "--paper_ref", "SAM paper, Table 5, basic, SGD"]
-RECIPES = ["amp_table_a", "amp_table_b", "rwp_cifar", "sam_cifar", "sam_fashionmnist", "sam_davda54"]
+RECIPES = ["amp_table_a", "amp_table_b", "rwp_cifar", "rwp_imagenet", "sam_cifar", "sam_fashionmnist",
+           "sam_davda54"]
 
 
 @pytest.fixture(scope="module")

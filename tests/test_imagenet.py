@@ -1,0 +1,321 @@
+"""--dataset imagenet on a small real ImageFolder written here (JPEGs of mixed sizes, one grayscale,
+one CMYK, one PNG named .JPEG): the pipeline against torchvision, errors, a corrupt file, exact resume
+(SIGTERM mid-epoch in process; SIGKILL with workers), two torchrun nodes on localhost running RWP's
+clean/perturbed split over 4 processes, and the SLURM example's commands."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_folder
+import main
+from data_utils import Augment, DataError
+from conftest import ROOT
+from imagefolder import write_image_folder
+from test_main import free_port, rows, run
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# 18 training images, batch 4: 5 steps an epoch (the last batch holds 2); 9 validation images
+SMALL = ["--dataset", "imagenet", "--image_size", "32", "--model", "wrn10_1", "--batch_size", "4",
+         "--eval_batch_size", "4", "--lr", "0.05", "--clip_norm", "0", "--device", "cpu", "--seed", "1"]
+STRIP = ("epoch_time_s",)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(write_image_folder(str(tmp_path_factory.mktemp("imagenet") / "data")))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses run with one thread: the same arithmetic
+    yield
+    torch.set_num_threads(saved)
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in r.items() if k not in STRIP} for r in rows(run_dir)]
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def _smooth_jpeg(path, w=500, h=375):
+    from PIL import Image
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(np.sin(x / 17) + np.cos(y / 23)) * 60 + 128, (x / 2) % 256, (y * 0.6) % 256], -1)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_decode_matches_torchvision_transforms(tmp_path):
+    """Validation = Resize(S·256/224) + CenterCrop(S); training = resized_crop of our crop box. Equal up
+    to rounding where the JPEG is decoded at full size (S 224), close where at reduced DCT size (S 32)."""
+    from PIL import Image
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    path = _smooth_jpeg(str(tmp_path / "a.jpg"))
+    for size, tol in ((224, 0.05), (32, 3.0)):
+        ours = data_folder.load_val(path, size).astype(float)
+        ref = np.asarray(T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])(
+            Image.open(path).convert("RGB"))).astype(float)
+        assert ours.shape == (size, size, 3) and np.abs(ours - ref).mean() < tol
+        for seed in range(3):
+            top, left, h, w = data_folder.crop_params(375, 500, random.Random(seed))
+            ours = data_folder.load_train(path, size, random.Random(seed)).astype(float)
+            ref = np.asarray(TF.resized_crop(Image.open(path).convert("RGB"), top, left, h, w, [size, size]))
+            assert np.abs(ours - ref).mean() < tol
+
+
+def test_grayscale_cmyk_and_png_named_jpeg_decode_to_rgb(data):
+    """ImageNet's odd files: each becomes RGB as torchvision's loader (PIL convert("RGB")) makes it."""
+    from PIL import Image
+    for path in (os.path.join(data, "train", "n00000000", "train_0_0.JPEG"),   # grayscale JPEG
+                 os.path.join(data, "train", "n00000001", "train_1_0.JPEG"),   # CMYK JPEG
+                 os.path.join(data, "val", "n00000002", "val_2_0.JPEG")):      # a PNG
+        with Image.open(path) as im:
+            assert im.mode in ("L", "CMYK", "RGB") and (im.format == "PNG") == path.endswith("val_2_0.JPEG")
+            ref = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR, box=(0, 0) + im.size))
+        ours = data_folder.load_val(path, 32)
+        assert ours.shape == (32, 32, 3) and ours.dtype == np.uint8
+        # the same colours (centre crop vs the whole image: compare channel means loosely)
+        assert np.abs(ours.reshape(-1, 3).mean(0) - ref.reshape(-1, 3).mean(0)).max() < 25, path
+
+
+def test_crop_params_follow_random_resized_crop():
+    rng = random.Random(0)
+    for _ in range(2000):
+        top, left, h, w = data_folder.crop_params(375, 500, rng)
+        assert 0 <= top <= 375 - h and 0 <= left <= 500 - w
+        assert 0.08 * 0.9 <= h * w / (375 * 500) <= 1.0 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    # no box fits in ten tries: torchvision's fallback, the centre crop of the clamped ratio
+    assert data_folder.crop_params(10, 1000, random.Random(0)) == (0, 493, 10, 13)
+
+
+def test_batches_do_not_depend_on_workers_and_start_anywhere(data):
+    aug = Augment(data_folder.IMAGENET_MEAN, data_folder.IMAGENET_STD)
+    folder = data_folder.FolderData(data)
+    assert folder.classes == ["n00000000", "n00000001", "n00000002"]
+
+    def batches(workers, start=0, **kw):
+        loader = data_folder.FolderTrainLoader(folder, 4, 32, aug, device="cpu", seed=3, workers=workers, **kw)
+        loader.set_epoch(1)
+        return list(loader.iter_from(start))
+    ref = batches(0)
+    assert len(ref) == 5 and [len(y) for _, y in ref] == [4, 4, 4, 4, 2]
+    for (x, y), (x2, y2) in zip(ref, batches(2)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    for (x, y), (x2, y2) in zip(ref[3:], batches(2, start=3)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    # flips happen (per sample), crops differ between epochs; x is normalised float (B, 3, 32, 32)
+    assert ref[0][0].shape == (4, 3, 32, 32) and ref[0][0].dtype == torch.float32
+    # two shards of one stream: disjoint, together all but the odd sample
+    seen = []
+    for shard in (0, 1):
+        loader = data_folder.FolderTrainLoader(folder, 3, 32, aug, device="cpu", shard=shard, num_shards=2)
+        seen += [int(i) for i in loader._indices()]
+    assert len(seen) == len(set(seen)) == 18
+    # validation: every sample exactly once over the shards, none duplicated
+    ys = [y for shard in range(4) for _, y in folder.test_batches(2, 32, aug, device="cpu", shard=shard, num_shards=4)]
+    assert sorted(torch.cat(ys).tolist()) == sorted(folder.val[2].tolist()) and len(torch.cat(ys)) == 9
+
+
+def test_folder_errors_are_one_line(data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(data, "train"), bad / "train")
+    with pytest.raises(DataError, match=r"no val/ folder in .*expected .*/train/<class>/\*\.JPEG"):
+        data_folder.FolderData(str(bad))
+    shutil.copytree(os.path.join(data, "val"), bad / "val")
+    shutil.rmtree(bad / "val" / "n00000001")
+    with pytest.raises(DataError, match="class folders of val/ differ from train/'s .missing in val: n00000001"):
+        data_folder.FolderData(str(bad))
+    os.makedirs(bad / "val" / "n00000001")
+    with pytest.raises(DataError, match=r"class folder .*val/n00000001 holds no image"):
+        data_folder.FolderData(str(bad))
+    assert main.main([*SMALL, "--data_dir", str(bad), "--out_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no image" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "runs")  # nothing left behind
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsys):
+    """torchvision's ResNet-18 on the folder (classes from train/), workers > 0; one corrupt JPEG is
+    reported by path, replaced, and counted in every epoch's row."""
+    corrupt = tmp_path / "data"
+    shutil.copytree(data, corrupt)
+    broken = corrupt / "train" / "n00000002" / "train_2_3.JPEG"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    code, run_dir = run(tmp_path, *SMALL, "--data_dir", str(corrupt), "--model", "tv_resnet18", "--epochs", "2",
+                        "--workers", "2", "--optimizer", "sgd")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"unreadable image {broken}" in err and "replaced by" in err
+    r = rows(run_dir)
+    assert [x["bad_images"] for x in r] == [1, 1]
+    assert all(x["test_error_top5"] is not None and 0 <= x["test_error_top5"] <= x["test_error"] for x in r)
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["final_test_error_top5"] == r[-1]["test_error_top5"] and summary["best_test_error_top5"] is not None
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert state["fc.weight"].shape == (3, 512)  # the class count follows the train folders
+    assert r[0]["images"] == 18
+    from runner.loading import load_run
+    model, cfg = load_run(str(run_dir))
+    assert cfg.dataset == "imagenet" and model.fc.out_features == 3
+    # report.py: a top-5 column for imagenet groups; an older run without top-5 shows "–", no error
+    import report
+    old = tmp_path / "old" / "r"
+    shutil.copytree(run_dir, old)
+    summary = {k: v for k, v in summary.items() if "top5" not in k}
+    (old / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "| final top-5 error % |" in table and f"| {r[-1]['test_error_top5']:.2f} ± – |" in table
+    assert report.main([str(tmp_path / "old")]) == 0
+    assert "| – |" in capsys.readouterr().out.split("\n")[2]
+
+
+def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
+    """RWP (two loaders a step): SIGTERM at step 7 (epoch 2, step 2), resume: the metrics of an
+    uninterrupted run, and the resumed epoch decodes only the batches it still needs."""
+    args = [*SMALL, "--data_dir", data, "--optimizer", "rwp", "--epochs", "2", "--workers", "0", "--dropout", "0.2"]
+    assert run(tmp_path, *args, name="full")[0] == 0
+    real, calls = main.Trainer.closure_for, []
+
+    def sigterm_at_step_7(self, batches):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
+
+    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_7)
+    code, part = run(tmp_path, *args, name="part")
+    assert code == 143
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["partial"]["step"] == 2
+    decoded = []
+    real_get = data_folder._Batches.__getitem__
+    monkeypatch.setattr(data_folder._Batches, "__getitem__", lambda self, b: decoded.append(b) or real_get(self, b))
+    assert main.main(["--resume", str(part)]) == 0
+    assert metrics(part) == metrics(tmp_path / "runs" / "full")
+    assert sorted(decoded[:6]) == [2, 2, 3, 3, 4, 4]  # both loaders, from batch 2 on
+
+
+def test_sigkill_then_resume_with_workers_equals_uninterrupted(data, tmp_path):
+    common = [*SMALL, "--data_dir", data, "--optimizer", "sgd", "--epochs", "4", "--dropout", "0.2"]
+    args = [*common, "--workers", "2", "--out_dir", str(tmp_path / "runs")]
+    assert run(tmp_path, *common, "--workers", "0", name="ref")[0] == 0
+    run_dir = tmp_path / "runs" / "killed"
+    pid = os.fork()  # a child of this process (torch already imported): SIGKILLed below
+    if pid == 0:
+        code = 1
+        try:
+            code = main.main([*args, "--name", "killed"])
+        finally:
+            os._exit(code)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.Random(0).uniform(0, 0.15))  # in epoch 2 (0.2 s an epoch), or mid-checkpoint
+    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+        pytest.fail("the run ended before it could be killed")
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert main.main(["--resume", str(run_dir), "--workers", "1"]) == 0  # (in this process: one start less)
+    assert metrics(run_dir) == metrics(tmp_path / "runs" / "ref")
+
+
+def test_two_torchrun_nodes_on_localhost_run_parallel_rwp_on_four_processes(data, tmp_path):
+    """Two torchrun agents (--nnodes 2, c10d rendezvous, 2 gloo processes each): RWP's clean ranks 0, 2
+    and perturbed ranks 1, 3; one epoch, evaluated over the 4 ranks."""
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test16",
+           "main.py", *SMALL, "--data_dir", data, "--optimizer", "rwp", "--epochs", "1", "--batch_size", "2",
+           "--workers", "0", "--out_dir", str(tmp_path / "runs"), "--name", "nodes"]
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True) for _ in range(2)]
+    try:
+        outs = [a.communicate(timeout=300) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+    assert [a.returncode for a in agents] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    log = open(tmp_path / "runs" / "nodes" / "log.txt").read()
+    assert "×4 ranks" in log
+    r = rows(tmp_path / "runs" / "nodes")
+    # 18 images, 2 shards per branch of 9, batches of 2: 4 steps, 4 ranks x 2 images each
+    assert len(r) == 1 and r[0]["images"] == 4 * 4 * 2 and r[0]["test_error_top5"] is not None
+    wrong = 9 * r[0]["test_error"] / 100  # each of the 9 validation images counted once: a whole number
+    assert abs(wrong - round(wrong)) < 1e-9
+
+
+# ----------------------------------------------------------------------------- recipes
+
+def test_slurm_script_commands(tmp_path):
+    """The SLURM example (DRY_RUN=1): srun torchrun with c10d rendezvous on the first node; a new run
+    from the config, a requeued job (checkpoint present) with --resume."""
+    script = os.path.join(ROOT, "recipes", "slurm_rwp_imagenet.sbatch")
+    env = {**ENV, "DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "8", "SLURM_GPUS_ON_NODE": "4",
+           "SLURM_CPUS_PER_TASK": "64", "MASTER_ADDR": "node001", "OUT": str(tmp_path / "runs"),
+           "DATA": "/data/imagenet"}
+    first = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    cmd = first.stdout.strip().splitlines()[-1]
+    for part in ("srun --kill-on-bad-exit=1 --ntasks-per-node=1", "torchrun --nnodes 8 --nproc_per_node 4",
+                 "--rdzv_backend c10d --rdzv_endpoint node001:29500 --rdzv_id 4242",
+                 "main.py --config configs/imagenet/imagenet_tv_resnet18_rwp.yaml --data_dir /data/imagenet",
+                 "--batch_size 16", "--workers 15", f"--out_dir {tmp_path / 'runs'} --name imagenet_tv_resnet18_rwp_s0"):
+        assert part in cmd, cmd
+    os.makedirs(tmp_path / "runs" / "imagenet_tv_resnet18_rwp_s0")
+    open(tmp_path / "runs" / "imagenet_tv_resnet18_rwp_s0" / "checkpoint.pt", "w").close()
+    again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    cmd = again.stdout.strip().splitlines()[-1]
+    assert f"main.py --resume {tmp_path / 'runs' / 'imagenet_tv_resnet18_rwp_s0'} --data_dir /data/imagenet" in cmd
+    assert "--config" not in cmd
+
+
+def test_imagenet_recipe_dry_run():
+    p = subprocess.run(["bash", os.path.join(ROOT, "recipes", "rwp_imagenet.sh"), "--dry-run", "--data_dir", "/d"],
+                       env={**ENV, "SEEDS": "0", "OUT": "runs/x"}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert any("configs/imagenet/imagenet_tv_resnet18_rwp.yaml" in l and "--data_dir /d" in l for l in lines)
+    assert any("configs/imagenet/imagenet_tv_resnet18_sgd.yaml" in l for l in lines)
+    assert any("configs/imagenet/imagenet_tv_resnet50_rwp.yaml" in l for l in lines)
+
+
+def test_bench_imagenet_pipeline_quick(tmp_path, capsys):
+    import bench
+    out = tmp_path / "p.json"
+    assert bench.main_cli(["imagenet_pipeline", "--images", "4", "--width", "60", "--height", "45",
+                           "--image_size", "32", "--batch_size", "2", "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 4 and set(report["results"]) == {
+        "in_process/train", "in_process/val", "dataloader_1_worker/train", "dataloader_1_worker/val"}
+    assert all(r["ours"] > 0 and r["official"] > 0 for r in report["results"].values())
+    assert "| in process | train |" in capsys.readouterr().out
+    assert bench.main_cli(["imagenet_pipeline", "--quality", "0"]) == 2
+
+
+def test_bench_training_step_at_imagenet_shape(tmp_path):
+    """bench.py --dataset imagenet: synthetic batches of image_size (the file pipeline is timed by
+    `bench.py imagenet_pipeline`, so the CIFAR pipeline phase is skipped)."""
+    import bench
+    out = tmp_path / "b.json"
+    assert bench.main_cli(["--dataset", "imagenet", "--no-cutout", "--model", "wrn10_1", "--image_size", "40",
+                           "--batch_size", "4", "--quick", "--optimizers", "sgd", "--eval_batch_size", "4",
+                           "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["pipeline"] is None and report["train"][0]["optimizer"] == "sgd"
+    assert report["steps_per_epoch"] == 1281167 // 4 + 1  # ILSVRC-2012's training set
