@@ -41,7 +41,7 @@ run() {  # run (or, with DRY_RUN=1, print) one command
 
 # running DIR: whether another process holds the run folder's lock (it is training there now).
 running() {
-  [[ -e $1/.lock ]] && ! python -c 'import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH | fcntl.LOCK_NB)' "$1/.lock" 2>/dev/null
+  [[ -e $1/.lock ]] && ! python -c 'import fcntl, os, sys; fcntl.lockf(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH | fcntl.LOCK_NB)' "$1/.lock" 2>/dev/null
 }
 
 # run_configs LAUNCHER CONFIG... : every seed of SEEDS x every config, seed-major (a whole table with

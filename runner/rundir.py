@@ -1,9 +1,14 @@
 """The run folder: exactly one writer, a new folder or an existing one, no stale temporaries.
 
-A process that writes a run folder holds an exclusive OS lock (`flock`) on the file `.lock` in it,
-from creating or resuming the folder until it exits; the kernel releases it when the process dies
+A process that writes a run folder holds an exclusive OS lock on the file `.lock` in it, from
+creating or resuming the folder until it exits; the kernel releases it when the process dies
 (SIGKILL included), so a dead run never leaves a stale lock. A second process is refused with one
 line naming the holder, and writes nothing. Under torchrun, rank 0 holds the lock.
+
+The lock is a POSIX record lock (`fcntl.lockf`), not `flock`: a `flock` lock is shared with forked
+children, so DataLoader workers that outlive a SIGKILLed run for a few seconds would keep its folder
+locked; a POSIX lock belongs to the process alone (and works on NFS). Its one trap — closing any
+descriptor of the file releases it — is avoided by opening `.lock` once per process.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ def lock(run_dir: str):
     except OSError as e:
         raise UsageError(f"{run_dir}: cannot open its lock file ({e.strerror})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         holder = os.pread(fd, 200, 0).decode(errors="replace").split()
         os.close(fd)
@@ -59,22 +64,6 @@ def release():
     """Release this process's run-folder locks (main() returns; exiting does the same)."""
     while _held:
         os.close(_held.pop())
-
-
-def is_locked(run_dir: str) -> bool:
-    """Whether another process holds the run folder's lock (this process's own locks excluded)."""
-    import fcntl
-    try:
-        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _name_error(name, out_dir, e):
