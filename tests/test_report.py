@@ -315,3 +315,21 @@ def test_a_torn_last_metrics_line_of_a_completed_run_is_averaged_with_a_note(run
     assert report.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| sgd | 2 |" in out and f"- {tmp_path / 'b_s1'}: metrics.jsonl: its torn last line" in out, out
+
+
+def test_a_smoke_test_of_a_recipe_is_never_taken_as_the_rows_result(tmp_path):
+    """recipes/X.sh --epochs 1 --model wrn10_1 lands in the real row's folder; the real recipe later
+    refuses that folder (naming the settings that differ), runs nothing into it and exits 1."""
+    env = {"OUT": str(tmp_path), "ONLY": "basic_sgd", "SEEDS": "0", "OMP_NUM_THREADS": "1"}
+    tiny = ["--model", "wrn10_1", "--epochs", "1", "--train_size", "128", "--test_size", "64", "--batch_size", "64",
+            "--eval_batch_size", "64"]
+    smoke = recipe("sam_fashionmnist", *tiny, env=env, check=False)
+    assert smoke.returncode == 0, smoke.stderr
+    row = tmp_path / "wrn28_10_basic_sgd_s0"
+    before = sorted(os.listdir(row)), (row / "checkpoint.pt").read_bytes()
+    real = recipe("sam_fashionmnist", env=env, check=False)
+    assert real.returncode == 1 and "1 run(s) failed" in real.stderr
+    assert f"{row} holds a run with other settings (train_size=128 there, 0 here; test_size=64 there, 0 here; " \
+           f"model='wrn10_1' there, 'sam_wrn28_10' here;" in real.stderr, real.stderr
+    assert (sorted(os.listdir(row)), (row / "checkpoint.pt").read_bytes()) == before
+    assert "not comparable" in json.load(open(row / "summary.json"))["paper_ref"]
