@@ -112,10 +112,9 @@ def _check(args):
             if problem:
                 raise UsageError(f"{flag}: {problem}")
     if "curvature" in args.measures:
-        import warnings
+        from runner.flatness_measures import _quiet
         try:
-            with warnings.catch_warnings():  # backpack (imported by curvlinops) uses torch.jit.script
-                warnings.simplefilter("ignore", FutureWarning)
+            with _quiet():
                 import curvlinops  # noqa: F401
         except ImportError:
             raise UsageError("the curvature measures need curvlinops-for-pytorch: pip install -r "
@@ -264,10 +263,16 @@ def markdown(rows, args) -> str:
             c = r["landscape_1d"]["loss"]
             cells += [f"{_fmt(c[0])} / {_fmt(c[-1])}"]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"Analysis set: {args.samples} training images per run (seed {args.data_seed}), BatchNorm in "
-            f"{args.bn} mode, loss = mean cross-entropy; sharpness = perturbed loss − loss; RWP mean ± "
-            f"standard error over {args.rwp_draws} draws; AMP with {args.amp_iter} ascent step(s) of "
-            f"ζ={args.inner_lr:g}; tr H ± standard error over {args.trace_matvecs} Hutchinson vectors.")
+    note = [f"Analysis set: {args.samples} training images per run (seed {args.data_seed}), BatchNorm in "
+            f"{args.bn} mode; loss = mean cross-entropy, error = top-1 error on the set."]
+    if "curvature" in args.measures:
+        note.append(f"λ: Hessian eigenvalues (fp32); tr H ± standard error over {args.trace_matvecs} Hutchinson vectors.")
+    if "sharpness" in args.measures:
+        note.append(f"Sharpness = perturbed loss − loss; AMP with {args.amp_iter} ascent step(s) of ζ={args.inner_lr:g}; "
+                    f"RWP mean ± standard error over {args.rwp_draws} draws.")
+    if "landscape" in args.measures:
+        note.append(f"1-D L(±{args.span:g}): loss at the two ends of the filter-normalised direction.")
+    note = " ".join(note)
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

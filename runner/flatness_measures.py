@@ -102,12 +102,20 @@ def gradient(model, params, batches, autocast=None):
 
 # ----------------------------------------------------------------------------- curvature
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's own deprecation note on torch.jit.script, which importing curvlinops'
+    dependencies and torch's first forward-mode AD call (its JVP decompositions) trigger."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
+
+
 def hessian_operator(model, params, batches, loss_func=None):
     """H = ∇²L(θ) as a curvlinops HessianLinearOperator over all of `batches` (loss_func: default
     mean cross-entropy; curvlinops weights each batch's mean by |B|/|S|, so H is the full set's)."""
-    import warnings
-    with warnings.catch_warnings():  # backpack (imported by curvlinops) uses torch.jit.script
-        warnings.simplefilter("ignore", FutureWarning)
+    with _quiet():
         from curvlinops import HessianLinearOperator
     loss_func = torch.nn.CrossEntropyLoss(reduction="mean") if loss_func is None else loss_func
     return HessianLinearOperator(model, loss_func, params, batches, check_deterministic=False)
@@ -139,7 +147,8 @@ def top_eigenvalues(H, k=5, tol=1e-3, seed=0, bar=None):
         raise ValueError(f"k must be in 1..{dim - 1} for {dim} parameters, got {k}")
     op = _Counted(H.to_scipy(np.float64), bar)
     v0 = np.random.default_rng(seed).standard_normal(dim)
-    values = eigsh(op.op, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    with _quiet():
+        values = eigsh(op.op, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
     return sorted((float(v) for v in values), reverse=True), op.count
 
 
@@ -147,7 +156,8 @@ def hessian_trace(H, matvecs=100, seed=0, bar=None):
     """(estimate, standard error, exact?) of tr H. Hutchinson with `matvecs` Rademacher vectors
     (curvlinops.hutchinson_trace, one vector per call so the spread gives the standard error);
     when matvecs ≥ dim, exactly Σ_i e_iᵀ H e_i (standard error 0)."""
-    from curvlinops import hutchinson_trace
+    with _quiet():
+        from curvlinops import hutchinson_trace
     dim = H.shape[0]
     if matvecs >= dim:
         total = 0.0
@@ -157,7 +167,7 @@ def hessian_trace(H, matvecs=100, seed=0, bar=None):
             if bar is not None:
                 bar.update(1)
         return total, 0.0, True
-    with torch.random.fork_rng(devices=[H.device] if H.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[H.device] if H.device.type == "cuda" else []), _quiet():
         torch.manual_seed(seed)
         samples = []
         for _ in range(matvecs):
@@ -169,8 +179,9 @@ def hessian_trace(H, matvecs=100, seed=0, bar=None):
 
 def spectral_density(H, ncv=64, num_points=256, seed=0):
     """(grid λ, density p(λ)) of H: Papyan's Lanczos approximation (curvlinops)."""
-    from curvlinops import lanczos_approximate_spectrum
-    with torch.random.fork_rng(devices=[H.device] if H.device.type == "cuda" else []):
+    with _quiet():
+        from curvlinops import lanczos_approximate_spectrum
+    with torch.random.fork_rng(devices=[H.device] if H.device.type == "cuda" else []), _quiet():
         torch.manual_seed(seed)
         grid, density = lanczos_approximate_spectrum(H, min(ncv, H.shape[0] - 1), num_points=num_points)
     return [float(v) for v in grid], [float(v) for v in density]

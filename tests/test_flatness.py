@@ -55,6 +55,21 @@ def test_least_squares_hessian_eigenvalues_and_trace_are_exact():
     assert not is_exact and se > 0 and abs(est - float(exact.sum())) < 4 * se
 
 
+def test_spectral_density_finds_two_eigenvalue_clusters():
+    lam = torch.tensor([1.0] * 6 + [10.0] * 6, dtype=torch.float64)
+    X = torch.diag((6 * lam).sqrt())                                         # H = (2/12) XᵀX = diag(λ)
+    model = nn.Linear(12, 1, bias=False).double()
+    H = fm.hessian_operator(model, list(model.parameters()), [(X, torch.zeros(12, 1, dtype=torch.float64))],
+                            nn.MSELoss(reduction="mean"))
+    grid, density = fm.spectral_density(H, ncv=11, num_points=400)
+    step = grid[1] - grid[0]
+    assert 0.8 < sum(density) * step < 1.05           # a density (the bumps of the end eigenvalues are cut)
+
+    def at(x):
+        return density[min(range(len(grid)), key=lambda i: abs(grid[i] - x))]
+    assert at(1.0) > 5 * at(5.5) and at(10.0) > 5 * at(5.5)
+
+
 def test_cnn_top_eigenvalue_matches_an_autograd_power_iteration():
     model, batches = _cnn(), _data()
     params = list(model.parameters())
@@ -261,6 +276,12 @@ def test_end_to_end_on_two_real_runs(two_runs, capsys):
     assert (out / "flatness.md").read_text() == table
     assert len((out / "landscape.csv").read_text().splitlines()) == 1 + 2 * (3 + 9)
     assert (tmp / "f.csv").read_text().startswith("run_dir,dataset,model,optimizer")
+    import report                                             # report.py shows the records it finds
+    assert report.main(runs) == 0
+    shown = capsys.readouterr().out
+    assert "| λ_max | sharpness SAM / AMP / RWP |" in shown
+    for r in data:
+        assert f"| {r['hessian_top_eigenvalues'][0]:.3g} | {r['sam_sharpness']:.3g} / " in shown
 
 
 def _one_line_exit_2(capsys, argv):
@@ -294,3 +315,16 @@ def test_bad_input_is_one_line_and_exit_2(two_runs, capsys, tmp_path, monkeypatc
     monkeypatch.setitem(__import__("sys").modules, "curvlinops", None)   # the optional extra missing
     assert "pip install -r requirements-flatness.txt" in _one_line_exit_2(capsys, [runs[0], *QUICK])
     assert flatness.main([runs[0], *QUICK, "--measures", "landscape", "--no-2d", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_bf16_and_bn_train_options_run_and_are_recorded(two_runs, tmp_path):
+    _, runs = two_runs
+    args = [runs[1], *QUICK, "--measures", "sharpness", "landscape", "--no-2d", "--out", str(tmp_path)]
+    assert flatness.main([*args, "--json", str(tmp_path / "fp32.json")]) == 0
+    assert flatness.main([*args, "--precision", "bf16", "--bn", "train", "--json", str(tmp_path / "b.json")]) == 0
+    (a,), (b,) = (json.loads((tmp_path / f).read_text()) for f in ("fp32.json", "b.json"))
+    assert b["settings"]["precision"] == "bf16" and b["settings"]["bn"] == "train"
+    assert "hessian_trace" not in b and not (tmp_path / "landscape_2d.png").exists()
+    assert b["loss"] != a["loss"]                         # batch statistics instead of running ones
+    assert b["landscape_1d"]["loss"][1] != b["loss"]      # the curve ran in bf16, the reference in fp32
+    assert b["landscape_1d"]["loss"][1] == pytest.approx(b["loss"], rel=0.05)
