@@ -105,8 +105,10 @@ def _check(args):
             raise UsageError(f"--{name} must be a finite number >= 0, got {v}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out: {args.out!r} is a file, not a folder")
-    os.makedirs(args.out, exist_ok=True)
     for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path and not os.path.isdir(args.out) and (
+                os.path.abspath(os.path.dirname(path) or ".") == os.path.abspath(args.out)):
+            continue  # goes into --out, which is made once the inputs are checked
         if path:
             problem = output_problem(path)
             if problem:
@@ -306,18 +308,19 @@ def plot(rows, out, args):
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.3 * nrows), squeeze=False)
     top = max(max(map(max, r["landscape_2d"]["loss"])) for r in two)
     low = min(min(map(min, r["landscape_2d"]["loss"])) for r in two)
-    levels = np.linspace(low, top, 15) if top > low else 15
+    # log-spaced levels: the basin (near L(θ)) stays visible next to the walls (often 100× higher)
+    levels = (np.geomspace(low, top, 15) if low > 0 else np.linspace(low, top, 15)) if top > low else 15
     for a, r in zip(axes.flat, two):
         s = r["landscape_2d"]
         cs = a.contour(s["alpha"], s["beta"], s["loss"], levels=levels, cmap="viridis")
-        a.clabel(cs, fontsize=6, fmt="%.2g")
+        a.clabel(cs, fontsize=6, fmt="%.3g")
         a.plot([0], [0], "r+")
         a.set_title(f"{r['model']} {_name(r)}", fontsize=9)
         a.set_xlabel("α")
         a.set_ylabel("β")
     for a in list(axes.flat)[len(two):]:
         a.axis("off")
-    fig.suptitle("2-D loss landscape (same contour levels in every panel)", fontsize=10)
+    fig.suptitle("2-D loss landscape (same log-spaced contour levels in every panel)", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "landscape_2d.png"), dpi=100)
     plt.close(fig)
@@ -368,11 +371,17 @@ def main(argv=None) -> int:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
             if "curvature" in args.measures and args.top_k >= n:
                 raise UsageError(f"--top_k {args.top_k} must be below the parameter count of {run_dir} ({n})")
-        data, rows = {}, []
-        for run_dir, (model, cfg), label in zip(args.runs, loaded, labels):
+        data, keys, rows = {}, [], []
+        for _, cfg in loaded:                                       # every analysis set before any measure
             key = (cfg.dataset, args.data_dir or cfg.data_dir, cfg.train_size, tuple(cfg.mean), tuple(cfg.std))
             if key not in data:
                 data[key] = analysis_set(cfg, args.samples, args.data_seed, args.batch_size, device, args.data_dir)
+            keys.append(key)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out: cannot make folder {args.out!r} ({e.strerror})") from None
+        for run_dir, (model, cfg), label, key in zip(args.runs, loaded, labels, keys):
             with tqdm(total=_work(args, model), desc=os.path.basename(os.path.normpath(run_dir)),
                       file=sys.stderr, disable=None, leave=False) as bar:
                 rec = analyse(model, data[key], args, device, bar)

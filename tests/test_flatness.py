@@ -13,7 +13,7 @@ import flatness
 import main
 from rwp import noise_seed
 from runner import flatness_measures as fm
-from test_main import TINY
+from test_main import DATA, TINY
 
 
 def _cnn(seed=0):
@@ -150,7 +150,7 @@ def test_sam_sharpness_matches_the_formula_and_is_zero_at_rho_zero():
     theta = [p.detach().clone() for p in params]
     g = torch.autograd.grad(_loss(model, batches), params)
     norm = math.sqrt(sum(float((t * t).sum()) for t in g))
-    want = _at(model, params, [p + 0.2 * t / (norm + 1e-12) for p, t in zip(theta, g)]) - float(_loss(model, batches))
+    want = _at(model, params, [p + 0.2 * t / (norm + 1e-12) for p, t in zip(theta, g)]) - float(_loss(model, batches).detach())
     got, _, _ = fm.sam_sharpness(model, params, batches, rho=0.2)
     assert got == pytest.approx(want, rel=1e-9, abs=1e-13) and got > 0
     assert fm.sam_sharpness(model, params, batches, rho=0.0)[0] == 0.0
@@ -180,7 +180,7 @@ def test_amp_sharpness_matches_two_hand_ascent_steps_and_is_zero_at_epsilon_zero
     d1 = proj([zeta * g for g in grad_at(zero)])
     d2 = proj([a + zeta * g for a, g in zip(d1, grad_at(d1))])
     assert any(float(d.norm()) == pytest.approx(eps) for d in d2)       # the ball is active
-    loss0 = float(_loss(model, batches))
+    loss0 = float(_loss(model, batches).detach())
     losses = [_at(model, params, [t + d for t, d in zip(theta, dd)]) for dd in (d1, d2)]
     got, worst, l0 = fm.amp_sharpness(model, params, batches, eps, zeta, iters=2)
     assert l0 == pytest.approx(loss0, rel=1e-12)
@@ -195,7 +195,7 @@ def test_rwp_sharpness_matches_hand_drawn_filter_noise_and_is_zero_at_gamma_zero
     params = list(model.parameters())
     theta = [p.detach().clone() for p in params]
     gamma, draws, seed = 0.3, 5, 11
-    loss0 = float(_loss(model, batches))
+    loss0 = float(_loss(model, batches).detach())
     diffs = []
     for k in range(draws):
         gen = torch.Generator().manual_seed(noise_seed(seed, 0, k))
@@ -225,7 +225,7 @@ def test_bn_train_mode_uses_batch_statistics_and_leaves_the_model_alone():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     train = fm.prepare_model(model, "train")
     loss_train, _ = fm.evaluate(train, batches)
-    want = float(_loss(model.train(), batches))                        # plain train mode: batch statistics
+    want = float(_loss(model.train(), batches).detach())                        # plain train mode: batch statistics
     model.load_state_dict(state)
     model.eval()
     assert loss_train == pytest.approx(want, rel=1e-12)
@@ -309,21 +309,27 @@ def test_bad_input_is_one_line_and_exit_2(two_runs, capsys, tmp_path, monkeypatc
     shutil.copy(os.path.join(runs[0], "checkpoint.pt"), other / "checkpoint.pt")
     (other / "config.yaml").write_text(text.replace("model: wrn10_1", "model: wrn16_1"))
     assert "config.yaml says wrn16_1" in _one_line_exit_2(capsys, [str(other), *QUICK])
-    err = _one_line_exit_2(capsys, [runs[0], *QUICK, "--samples", "1000"])
+    err = _one_line_exit_2(capsys, [runs[0], *QUICK, "--samples", "1000", "--out", str(tmp_path / "never")])
     assert "larger than the run's training data (256 images" in err
+    assert not (tmp_path / "never").exists()                             # nothing written on bad input
     assert "--grid" in _one_line_exit_2(capsys, [runs[0], "--grid", "1"])
     monkeypatch.setitem(__import__("sys").modules, "curvlinops", None)   # the optional extra missing
     assert "pip install -r requirements-flatness.txt" in _one_line_exit_2(capsys, [runs[0], *QUICK])
-    assert flatness.main([runs[0], *QUICK, "--measures", "landscape", "--no-2d", "--out", str(tmp_path / "o")]) == 0
+    new = tmp_path / "new"                                               # --json may go into the new --out
+    assert flatness.main([runs[0], *QUICK, "--measures", "landscape", "--no-2d", "--out", str(new),
+                          "--json", str(new / "rows.json")]) == 0
+    assert (new / "rows.json").exists() and (new / "landscape_1d.png").exists()
 
 
 def test_bf16_and_bn_train_options_run_and_are_recorded(two_runs, tmp_path):
     _, runs = two_runs
     args = [runs[1], *QUICK, "--measures", "sharpness", "landscape", "--no-2d", "--out", str(tmp_path)]
     assert flatness.main([*args, "--json", str(tmp_path / "fp32.json")]) == 0
-    assert flatness.main([*args, "--precision", "bf16", "--bn", "train", "--json", str(tmp_path / "b.json")]) == 0
+    data_dir = DATA[DATA.index("--data_dir") + 1] if "--data_dir" in DATA else "data"
+    assert flatness.main([*args, "--precision", "bf16", "--bn", "train", "--data_dir", data_dir,
+                          "--json", str(tmp_path / "b.json")]) == 0
     (a,), (b,) = (json.loads((tmp_path / f).read_text()) for f in ("fp32.json", "b.json"))
-    assert b["settings"]["precision"] == "bf16" and b["settings"]["bn"] == "train"
+    assert b["settings"]["precision"] == "bf16" and b["settings"]["bn"] == "train" and b["settings"]["data_dir"] == data_dir
     assert "hessian_trace" not in b and not (tmp_path / "landscape_2d.png").exists()
     assert b["loss"] != a["loss"]                         # batch statistics instead of running ones
     assert b["landscape_1d"]["loss"][1] != b["loss"]      # the curve ran in bf16, the reference in fp32
