@@ -161,9 +161,11 @@ def hessian_trace(H, matvecs=100, seed=0, bar=None):
     dim = H.shape[0]
     if matvecs >= dim:
         total = 0.0
-        eye = torch.eye(dim, device=H.device, dtype=H.dtype)
+        e = torch.zeros(dim, device=H.device, dtype=H.dtype)
         for i in range(dim):
-            total += float((H @ eye[:, i])[i])
+            e[i] = 1.0
+            total += float((H @ e)[i])                              # e_iᵀ H e_i
+            e[i] = 0.0
             if bar is not None:
                 bar.update(1)
         return total, 0.0, True
