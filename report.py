@@ -300,6 +300,7 @@ def summarize(runs):
             "diff_final": fm - paper if paper is not None else None,
             "diff_best": bm - paper if paper is not None else None,
             "runs": [r.path for r in members], "config": key, "_runs": members,
+            "flatness": _flatness(members),
         })
     rank = {o: i for i, o in enumerate(OPTIMIZER_ORDER)}
     out.sort(key=lambda g: (str(g["dataset"]), str(g["model"]), g["_sort"],
@@ -311,6 +312,25 @@ def summarize(runs):
                "message": (r.summary or {}).get("message", "")}
               for r in runs if not r.completed]
     return out, others
+
+
+def _flatness(runs):
+    """Means over the runs that hold a flatness.py record (flatness.json): λ_max and the SAM, AMP
+    and RWP sharpness, with how many runs had one; None when none has."""
+    recs = []
+    for r in runs:
+        try:
+            with open(os.path.join(r.path, "flatness.json")) as f:
+                recs.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    if not recs:
+        return None
+    def mean(get):
+        values = [v for v in (get(x) for x in recs) if isinstance(v, (int, float))]
+        return statistics.fmean(values) if values else None
+    return {"runs": len(recs), "lambda_max": mean(lambda x: (x.get("hessian_top_eigenvalues") or [None])[0]),
+            **{k: mean(lambda x, k=k: x.get(k)) for k in ("sam_sharpness", "amp_sharpness", "rwp_sharpness")}}
 
 
 # ----------------------------------------------------------------------------- output
@@ -325,6 +345,8 @@ def markdown(groups, others) -> str:
     head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + [
         "n", "final test error %"] + (["final top-5 error %"] if show_top5 else []) + [
         "best (picked on test) %", "paper %", "ours − paper"]
+    flat = any(g.get("flatness") for g in groups)  # runs measured by flatness.py
+    head += ["λ_max", "sharpness SAM / AMP / RWP"] if flat else []
     lines = []
     if groups:
         lines += ["| " + " | ".join(head) + " |",
@@ -337,6 +359,11 @@ def markdown(groups, others) -> str:
                 g["n"], _pm(g["final_mean"], g["final_std"])] + (
                 ["–" if g.get("final_top5_mean") is None else _pm(g["final_top5_mean"], g["final_top5_std"])]
                 if show_top5 else []) + [_pm(g["best_mean"], g["best_std"]), paper, diff]
+            if flat:
+                f = g.get("flatness") or {}
+                show = lambda k: "–" if f.get(k) is None else f"{f[k]:.3g}"  # noqa: E731
+                cells += [show("lambda_max"), " / ".join(show(k) for k in ("sam_sharpness", "amp_sharpness", "rwp_sharpness"))
+                          + (f" ({f['runs']} of {g['n']} runs)" if f and f["runs"] != g["n"] else "")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines += ["", NOTE]
     else:

@@ -1,0 +1,420 @@
+"""Flatness analysis of trained runs: Hessian spectrum, each method's own sharpness, loss landscapes.
+
+    python flatness.py RUN_DIR [RUN_DIR ...] [--samples 2048] [--grid 11] [--out flatness_out]
+
+For each run folder (as main.py writes it) the model of its last checkpoint is rebuilt with the
+runner's own model code, and one analysis set is fixed: a seeded subset (--data_seed) of --samples
+images of the run's own training data (its train_size subset when it used one), normalised with
+the run's mean/std, without augmentation. L(θ) is the mean cross-entropy over that set. Measured:
+
+  curvature   top --top_k Hessian eigenvalues (Lanczos/ARPACK on curvlinops Hessian-vector
+              products), the trace (Hutchinson, --trace_matvecs vectors, mean ± s.e.), and with
+              --density the spectral density (Papyan's Lanczos quadrature); always in fp32
+  sharpness   SAM  L(θ + ρ g/‖g‖) − L(θ)                         (--rho, sam.py's perturbation)
+              AMP  worst L in the per-tensor ε-ball − L(θ)         (--epsilon --inner_lr --amp_iter, amp.py)
+              RWP  E[L(θ + filter-wise noise of scale γ)] − L(θ)  (--gamma --rwp_draws, rwp.py), ± s.e.
+  landscape   L and error along one (1-D, --grid points) and two (2-D, --grid² points) random
+              filter-normalised directions (Li et al., NeurIPS 2018), the same seeded directions
+              (--direction_seed) for every run of one architecture
+
+BatchNorm uses its running statistics (eval mode) unless --bn train. The radii are the same for
+every run (defaults: the runner's defaults), so the numbers compare across optimizers.
+
+Writes: the Markdown table on stdout (one row per run, grouped like report.py), and in --out:
+flatness.md, landscape_1d.png (overlaid curves), landscape_2d.png (contours), landscape.csv, and
+each run's record <run>/flatness.json (all numbers, the 1-D/2-D grids, the settings); --json and
+--csv write the per-run rows. Definitions and sources: docs/flatness.md.
+
+Exit codes: 0 done; 2 bad input (not a run folder, a checkpoint that does not fit its model, an
+analysis set larger than the data, the optional curvlinops-for-pytorch missing) with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from runner.config import UsageError
+from runner.records import output_problem
+
+MEASURES = ("curvature", "sharpness", "landscape")
+RECORD = "flatness.json"   # the per-run record in the run folder (report.py shows it when present)
+CSV_FIELDS = ["run_dir", "dataset", "model", "optimizer", "setting", "seed", "loss", "error",
+              "hessian_top_eigenvalues", "hessian_trace", "hessian_trace_se", "sam_sharpness",
+              "amp_sharpness", "rwp_sharpness", "rwp_sharpness_se"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _parser():
+    p = _Parser(prog="flatness.py", description=__doc__, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("runs", nargs="+", metavar="RUN_DIR", help="run folders (with checkpoint.pt)")
+    a("--measures", nargs="+", choices=MEASURES, default=list(MEASURES), help="what to compute (default: all)")
+    a("--samples", type=int, default=2048, help="images in the analysis set (default 2048)")
+    a("--data_seed", type=int, default=0, help="seed of the analysis subset (default 0)")
+    a("--data_dir", default=None, help="where the data is, if not the run's own data_dir")
+    a("--batch_size", type=int, default=256, help="images per forward pass (default 256; with --bn train also the BN batch)")
+    a("--bn", choices=("eval", "train"), default="eval",
+      help="BatchNorm with running statistics (eval, default) or each batch's statistics (train)")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when visible")
+    a("--precision", choices=("fp32", "bf16"), default="fp32",
+      help="forward passes of sharpness and landscapes under bf16 autocast (curvature stays fp32)")
+    a("--top_k", type=int, default=5, help="Hessian eigenvalues to compute (default 5)")
+    a("--eig_tol", type=float, default=1e-3, help="ARPACK relative tolerance of the eigenvalues (default 1e-3)")
+    a("--trace_matvecs", type=int, default=100,
+      help="Hutchinson vectors for the trace (default 100; ≥ the parameter count: exact)")
+    a("--density", action="store_true", help="also the spectral density (Papyan's Lanczos quadrature)")
+    a("--density_ncv", type=int, default=64, help="Lanczos vectors of the density (default 64)")
+    a("--rho", type=float, default=0.05, help="SAM radius ρ (default 0.05)")
+    a("--epsilon", type=float, default=0.5, help="AMP radius ε per tensor (default 0.5)")
+    a("--inner_lr", type=float, default=1.0, help="AMP ascent step ζ (default 1)")
+    a("--amp_iter", type=int, default=1, help="AMP ascent steps (default 1, as training; more finds a worse loss)")
+    a("--gamma", type=float, default=0.01, help="RWP noise scale γ (default 0.01)")
+    a("--rwp_draws", type=int, default=10, help="RWP Monte Carlo draws (default 10)")
+    a("--noise_seed", type=int, default=0, help="seed of RWP's noise and the trace/eigen start vectors (default 0)")
+    a("--grid", type=int, default=11, help="landscape points per axis (default 11; 2-D costs grid²)")
+    a("--span", type=float, default=1.0, help="landscape coordinates in [-span, span] (default 1)")
+    a("--direction_seed", type=int, default=0, help="seed of the random directions (default 0)")
+    a("--no-2d", dest="two_d", action="store_false", help="skip the 2-D landscape")
+    a("--out", default="flatness_out", help="folder for flatness.md, PNGs and landscape.csv (default flatness_out)")
+    a("--json", metavar="FILE", help="also write the per-run rows as JSON")
+    a("--csv", metavar="FILE", help="also write the per-run rows as CSV")
+    return p
+
+
+def _check(args):
+    for name in ("samples", "batch_size", "top_k", "trace_matvecs", "rwp_draws", "density_ncv"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.amp_iter < 0:
+        raise UsageError(f"--amp_iter must be >= 0, got {args.amp_iter}")
+    if args.grid < 2:
+        raise UsageError(f"--grid must be >= 2, got {args.grid}")
+    for name in ("rho", "epsilon", "inner_lr", "gamma", "span", "eig_tol"):
+        v = getattr(args, name)
+        if not v >= 0 or v == float("inf"):
+            raise UsageError(f"--{name} must be a finite number >= 0, got {v}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out: {args.out!r} is a file, not a folder")
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path and not os.path.isdir(args.out) and (
+                os.path.abspath(os.path.dirname(path) or ".") == os.path.abspath(args.out)):
+            continue  # goes into --out, which is made once the inputs are checked
+        if path:
+            problem = output_problem(path)
+            if problem:
+                raise UsageError(f"{flag}: {problem}")
+    if "curvature" in args.measures:
+        from runner.flatness_measures import _quiet
+        try:
+            with _quiet():
+                import curvlinops  # noqa: F401
+        except ImportError:
+            raise UsageError("the curvature measures need curvlinops-for-pytorch: pip install -r "
+                             "requirements-flatness.txt (or leave curvature out: --measures sharpness landscape)") from None
+
+
+# ----------------------------------------------------------------------------- data and runs
+
+def analysis_set(cfg, samples, seed, batch_size, device, data_dir=None):
+    """[(x, y)]: `samples` images of the run's training data (seeded subset), normalised with the
+    run's own mean/std (its Augment's normalize, no random augmentation), in batches on device."""
+    import torch
+    import data_utils
+    from runner.loading import load_data
+    from runner.training import build_augment
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    images, labels = load_data(cfg, train=True)
+    if samples > len(images):
+        raise UsageError(f"--samples {samples} is larger than the run's training data "
+                         f"({len(images)} images of {cfg.dataset}, train_size {cfg.train_size})")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:samples]
+    augment = build_augment(cfg, data_utils.DATASETS[cfg.dataset])
+    return list(data_utils.test_batches(images[idx], labels[idx], batch_size, augment, device=device))
+
+
+def load(run_dir, device):
+    """(model, cfg) of a run folder; the checkpoint must be the one of its config.yaml's model."""
+    import yaml
+    from runner.loading import load_run
+    model, cfg = load_run(run_dir, device)
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            saved = None
+        for field in ("model", "dataset"):
+            if isinstance(saved, dict) and saved.get(field, getattr(cfg, field)) != getattr(cfg, field):
+                raise UsageError(f"{run_dir}: checkpoint.pt is of {field} {getattr(cfg, field)}, but "
+                                 f"config.yaml says {saved.get(field)}")
+    return model, cfg
+
+
+def _labels(cfgs):
+    """Per run: (dataset, model, optimizer, setting, seed) with setting = report.py's `setting`
+    (the fields that change results and differ between the runs, where not at the default)."""
+    import report
+    confs = [dataclasses.asdict(c) for c in cfgs]
+    keys = [{k: v for k, v in c.items() if k not in report.IGNORED
+             and (k not in report.RELEVANT_IF or report.RELEVANT_IF[k](c))} for c in confs]
+    order = list(confs[0]) if confs else []
+    varying = [f for f in order if f not in report.NAMED
+               and len({json.dumps(k.get(f)) for k in keys if f in k}) > 1]
+    defaults = report._defaults()
+    return [(c["dataset"], c["model"], c["optimizer"], report._setting(k, varying, defaults), c["seed"])
+            for c, k in zip(confs, keys)]
+
+
+# ----------------------------------------------------------------------------- one run
+
+def analyse(model, batches, args, device, bar=None):
+    """All requested measures of one model on one analysis set → a dict of plain numbers."""
+    import torch
+    from runner import flatness_measures as fm
+    model = fm.prepare_model(model, args.bn)
+    params = fm.trainable(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else None
+    loss, error = fm.evaluate(model, batches)                       # fp32 reference point
+    rec = {"loss": loss, "error": error, "parameters": sum(p.numel() for p in params)}
+    if "curvature" in args.measures:
+        t0 = time.perf_counter()
+        H = fm.hessian_operator(model, params, batches)
+        eig, used = fm.top_eigenvalues(H, args.top_k, args.eig_tol, args.noise_seed, bar)
+        t1 = time.perf_counter()
+        trace, se, exact = fm.hessian_trace(H, args.trace_matvecs, args.noise_seed, bar)
+        t2 = time.perf_counter()
+        rec.update(hessian_top_eigenvalues=eig, hessian_eig_matvecs=used, hessian_eig_time_s=t1 - t0,
+                   hessian_trace=trace, hessian_trace_se=se, hessian_trace_exact=exact,
+                   hessian_trace_time_s=t2 - t1)
+        if args.density:
+            grid, density = fm.spectral_density(H, args.density_ncv, seed=args.noise_seed)
+            rec["spectral_density"] = {"eigenvalue": grid, "density": density}
+    if "sharpness" in args.measures:
+        rec["sam_sharpness"], rec["sam_loss"], _ = fm.sam_sharpness(model, params, batches, args.rho, autocast)
+        rec["amp_sharpness"], rec["amp_loss"], _ = fm.amp_sharpness(
+            model, params, batches, args.epsilon, args.inner_lr, args.amp_iter, autocast)
+        mean, se, _, losses = fm.rwp_sharpness(model, params, batches, args.gamma, args.rwp_draws,
+                                               args.noise_seed, autocast, bar)
+        rec.update(rwp_sharpness=mean, rwp_sharpness_se=se, rwp_losses=losses)
+    if "landscape" in args.measures:
+        g = torch.Generator().manual_seed(args.direction_seed)
+        d1 = fm.filter_normalized_direction(params, g)
+        d2 = fm.filter_normalized_direction(params, g)
+        ax = fm.axis(args.grid, args.span)
+        one = fm.landscape(model, params, batches, [d1], [(a,) for a in ax], autocast, bar)
+        rec["landscape_1d"] = {"alpha": ax, "loss": [v[0] for v in one], "error": [v[1] for v in one]}
+        if args.two_d:
+            two = fm.landscape(model, params, batches, [d1, d2], [(a, b) for b in ax for a in ax], autocast, bar)
+            n = len(ax)
+            rec["landscape_2d"] = {"alpha": ax, "beta": ax,
+                                   "loss": [[two[j * n + i][0] for i in range(n)] for j in range(n)]}
+    return rec
+
+
+def _work(args, model):
+    """Progress-bar units for one run: forward passes over the set and Hessian-vector products."""
+    n = 0
+    if "sharpness" in args.measures:
+        n += args.rwp_draws
+    if "landscape" in args.measures:
+        n += args.grid + (args.grid ** 2 if args.two_d else 0)
+    if "curvature" in args.measures:
+        n += min(args.trace_matvecs, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return n
+
+
+# ----------------------------------------------------------------------------- output
+
+def _fmt(v, digits=4):
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def markdown(rows, args) -> str:
+    show_setting = any(r["setting"] for r in rows)
+    head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + ["seed", "loss", "error %"]
+    if "curvature" in args.measures:
+        head += ["λ_max", f"top-{args.top_k} λ", "tr H"]
+    if "sharpness" in args.measures:
+        head += [f"SAM ρ={args.rho:g}", f"AMP ε={args.epsilon:g}", f"RWP γ={args.gamma:g}"]
+    if "landscape" in args.measures:
+        head += [f"1-D L(±{args.span:g})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dataset"], r["model"], r["optimizer"]] + ([r["setting"] or "–"] if show_setting else [])
+        cells += [str(r["seed"]), _fmt(r["loss"]), f"{r['error']:.2f}"]
+        if "curvature" in args.measures:
+            eig = r["hessian_top_eigenvalues"]
+            tr = _fmt(r["hessian_trace"]) + ("" if r["hessian_trace_exact"] else f" ± {_fmt(r['hessian_trace_se'], 2)}")
+            cells += [_fmt(eig[0]), ", ".join(_fmt(v, 3) for v in eig), tr]
+        if "sharpness" in args.measures:
+            cells += [_fmt(r["sam_sharpness"]), _fmt(r["amp_sharpness"]),
+                      f"{_fmt(r['rwp_sharpness'])} ± {_fmt(r['rwp_sharpness_se'], 2)}"]
+        if "landscape" in args.measures:
+            c = r["landscape_1d"]["loss"]
+            cells += [f"{_fmt(c[0])} / {_fmt(c[-1])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = [f"Analysis set: {args.samples} training images per run (seed {args.data_seed}), BatchNorm in "
+            f"{args.bn} mode; loss = mean cross-entropy, error = top-1 error on the set."]
+    if "curvature" in args.measures:
+        note.append(f"λ: Hessian eigenvalues (fp32); tr H ± standard error over {args.trace_matvecs} Hutchinson vectors.")
+    if "sharpness" in args.measures:
+        note.append(f"Sharpness = perturbed loss − loss; AMP with {args.amp_iter} ascent step(s) of ζ={args.inner_lr:g}; "
+                    f"RWP mean ± standard error over {args.rwp_draws} draws.")
+    if "landscape" in args.measures:
+        note.append(f"1-D L(±{args.span:g}): loss at the two ends of the filter-normalised direction.")
+    note = " ".join(note)
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _name(r):
+    return " ".join(x for x in (r["optimizer"], r["setting"], f"s{r['seed']}") if x)
+
+
+def plot(rows, out, args):
+    """landscape_1d.png (one line per run) and landscape_2d.png (one contour panel per run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = {r["model"] for r in rows}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        c = r["landscape_1d"]
+        ax.plot(c["alpha"], c["loss"], marker=".", label=_name(r) + (f" ({r['model']})" if len(models) > 1 else ""))
+    ax.set_xlabel("α (filter-normalised direction)")
+    ax.set_ylabel("training loss (analysis set)")
+    ax.set_title(f"1-D loss landscape, direction seed {args.direction_seed}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "landscape_1d.png"), dpi=100)
+    plt.close(fig)
+    two = [r for r in rows if "landscape_2d" in r]
+    if not two:
+        return
+    import numpy as np
+    cols = min(len(two), 4)
+    nrows = (len(two) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.3 * nrows), squeeze=False)
+    top = max(max(map(max, r["landscape_2d"]["loss"])) for r in two)
+    low = min(min(map(min, r["landscape_2d"]["loss"])) for r in two)
+    # log-spaced levels: the basin (near L(θ)) stays visible next to the walls (often 100× higher)
+    levels = (np.geomspace(low, top, 15) if low > 0 else np.linspace(low, top, 15)) if top > low else 15
+    for a, r in zip(axes.flat, two):
+        s = r["landscape_2d"]
+        cs = a.contour(s["alpha"], s["beta"], s["loss"], levels=levels, cmap="viridis")
+        a.clabel(cs, fontsize=6, fmt="%.3g")
+        a.plot([0], [0], "r+")
+        a.set_title(f"{r['model']} {_name(r)}", fontsize=9)
+        a.set_xlabel("α")
+        a.set_ylabel("β")
+    for a in list(axes.flat)[len(two):]:
+        a.axis("off")
+    fig.suptitle("2-D loss landscape (same log-spaced contour levels in every panel)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "landscape_2d.png"), dpi=100)
+    plt.close(fig)
+
+
+def write_landscape_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_dir", "axes", "alpha", "beta", "loss", "error"])
+        for r in rows:
+            c = r["landscape_1d"]
+            for a, loss, err in zip(c["alpha"], c["loss"], c["error"]):
+                w.writerow([r["run_dir"], "1d", a, "", loss, err])
+            s = r.get("landscape_2d")
+            if s:
+                for j, b in enumerate(s["beta"]):
+                    for i, a in enumerate(s["alpha"]):
+                        w.writerow([r["run_dir"], "2d", a, b, s["loss"][j][i], ""])
+
+
+def write_rows_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "hessian_top_eigenvalues": " ".join(map(repr, r.get("hessian_top_eigenvalues", [])))})
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        _parser().print_help()
+        return 0
+    try:
+        args = _parser().parse_args(argv)
+        _check(args)
+        import torch
+        from tqdm import tqdm
+        from runner.records import write_text
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu")
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        loaded = [load(r, device) for r in args.runs]               # all inputs checked before work
+        labels = _labels([cfg for _, cfg in loaded])
+        for run_dir, (model, _) in zip(args.runs, loaded):
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            if "curvature" in args.measures and args.top_k >= n:
+                raise UsageError(f"--top_k {args.top_k} must be below the parameter count of {run_dir} ({n})")
+        data, keys, rows = {}, [], []
+        for _, cfg in loaded:                                       # every analysis set before any measure
+            key = (cfg.dataset, args.data_dir or cfg.data_dir, cfg.train_size, tuple(cfg.mean), tuple(cfg.std))
+            if key not in data:
+                data[key] = analysis_set(cfg, args.samples, args.data_seed, args.batch_size, device, args.data_dir)
+            keys.append(key)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out: cannot make folder {args.out!r} ({e.strerror})") from None
+        for run_dir, (model, cfg), label, key in zip(args.runs, loaded, labels, keys):
+            with tqdm(total=_work(args, model), desc=os.path.basename(os.path.normpath(run_dir)),
+                      file=sys.stderr, disable=None, leave=False) as bar:
+                rec = analyse(model, data[key], args, device, bar)
+            row = dict(zip(("dataset", "model", "optimizer", "setting", "seed"), label))
+            row = {"run_dir": run_dir, **row, **rec,
+                   "settings": {k: v for k, v in vars(args).items() if k not in ("runs", "json", "csv", "out")}}
+            write_text(os.path.join(run_dir, RECORD), json.dumps(row, indent=1) + "\n")
+            rows.append(row)
+    except UsageError as e:
+        print(f"flatness.py: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a missing or corrupt data set (data_utils.DataError) is bad input too
+        import data_utils
+        if isinstance(e, data_utils.DataError):
+            print(f"flatness.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        raise
+    rank = {o: i for i, o in enumerate(("sgd", "amp", "rwp", "sam", "asam"))}
+    rows.sort(key=lambda r: (r["dataset"], r["model"], r["setting"], rank.get(r["optimizer"], 9), r["seed"]))
+    table = markdown(rows, args)
+    sys.stdout.write(table)
+    with open(os.path.join(args.out, "flatness.md"), "w") as f:
+        f.write(table)
+    if "landscape" in args.measures:
+        plot(rows, args.out, args)
+        write_landscape_csv(rows, os.path.join(args.out, "landscape.csv"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.csv:
+        write_rows_csv(rows, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
