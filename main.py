@@ -18,13 +18,13 @@ import sys
 import time
 
 from runner.config import EXIT_RUNTIME, EXIT_USAGE, Config, UsageError, _parser, check_launch, parse_config
+from runner.progress import Progress, TensorBoardLog, require_tensorboard
 from runner.records import RunLog, finished, git_commit, make_run_dir, resume_config, write_summary, write_text
 from runner.training import STOP, Diverged, Trainer
 
 
 def train(cfg: Config, explicit: set, argv) -> int:
     import torch
-    from tqdm import tqdm
     ckpt = None
     if cfg.resume:
         cfg, ckpt, run_dir = resume_config(cfg, explicit)
@@ -33,6 +33,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
                 print(f"{run_dir} has finished all {cfg.epochs} epochs; nothing to resume (its records are unchanged)")
             return 0
     check_launch(cfg, explicit)
+    if cfg.tensorboard:
+        require_tensorboard()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     missing = []  # out_dir and its ancestors that do not exist yet (removed again if nothing is written)
@@ -68,7 +70,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
     if rank0:  # metrics.jsonl = history of the checkpoint (drops rows of an epoch that was not saved)
         write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in trainer.history))
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} {cfg.model} "
+    log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} (from {trainer.data_source}) {cfg.model} "
              f"({n_params:,} params) {cfg.optimizer} on {trainer.device}"
              + (f" ×{world} ranks" if world > 1 else "") + f", {cfg.epochs} epochs from epoch {trainer.start_epoch + 1}")
     if cfg.precision == "fp16" and trainer.device.type == "cpu":
@@ -79,8 +81,11 @@ def train(cfg: Config, explicit: set, argv) -> int:
     train_time = sum(r["epoch_time_s"] for r in trainer.history)
     images_total = sum(r.get("images", 0) for r in trainer.history)
     done_steps = (trainer.resume_partial or {}).get("step", 0)
-    progress = tqdm(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
-                    disable=not rank0 or None, leave=False, dynamic_ncols=True, desc="train")
+    progress = Progress(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
+                        steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs,
+                        done=trainer.steps_per_epoch * trainer.start_epoch + done_steps, active=rank0,
+                        images_per_step=cfg.batch_size * len(trainer.loaders) * world, every_s=cfg.progress_every)
+    board = TensorBoardLog(run_dir, trainer.start_epoch) if cfg.tensorboard and rank0 else None
     signum, partial = 0, None
     # (epoch, step) of the checkpoint on disk; None before the first one
     saved = (trainer.start_epoch, (trainer.resume_partial or {}).get("step", 0)) if cfg.resume else None
@@ -120,6 +125,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
             if rank0:
                 trainer.save_checkpoint(epoch + 1)
                 log.metrics(row)
+                if board is not None:
+                    board.add(row)
             saved = epoch + 1, 0
             test = f"test loss {test_loss:.4f} err {test_error:.2f}%" if test_error is not None else "test -"
             log.line(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} err {train_error:.2f}%  "
@@ -142,9 +149,11 @@ def train(cfg: Config, explicit: set, argv) -> int:
     finally:
         STOP.escalate = False  # from here on, signals wait for the records to be written
         progress.close()
+        if board is not None:
+            board.close()
     if rank0:
         write_summary(run_dir, cfg, trainer.history, status, message, train_time, images_total,
-                      trainer.wall_time())
+                      trainer.wall_time(), data_read_from=trainer.data_source)
     if message:
         log.line(message, err=code != 0)
     if status == "completed":
@@ -169,6 +178,9 @@ def main(argv=None) -> int:
         _parser().print_help()
         return 0
     try:
+        if "--evaluate" in argv:  # a finished run's test error; writes nothing
+            from runner.evaluate import evaluate_command
+            return evaluate_command(argv)
         cfg, explicit = parse_config(argv)
         return train(cfg, explicit, argv)
     except Exception as e:

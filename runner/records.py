@@ -147,7 +147,7 @@ def finished(run_dir) -> bool:
         return False
 
 
-def write_summary(run_dir, cfg, history, status, message, train_time, images, wall):
+def write_summary(run_dir, cfg, history, status, message, train_time, images, wall, **extra):
     tested = [r for r in history if r["test_error"] is not None]
     best = min(tested, key=lambda r: r["test_error"]) if tested else None
     summary = {
@@ -160,6 +160,7 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
         "wall_time_s": round(wall, 3), "train_time_s": round(train_time, 3),
         "images_per_s": round(images / train_time, 1) if train_time > 0 else None,
         "paper_ref": cfg.paper_ref, "paper_error": cfg.paper_error, "paper_spread": cfg.paper_spread,
+        **extra,  # data_read_from: the data folder actually read
     }
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
@@ -173,7 +174,10 @@ class RunLog:
     def line(self, text, err=False):
         if not self.active:
             return
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        from tqdm import tqdm
+        stream = sys.stderr if err else sys.stdout
+        with tqdm.external_write_mode(file=stream):  # above a progress bar, never on its line
+            print(text, file=stream, flush=True)
         with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
             f.write(text + "\n")
 

@@ -131,6 +131,29 @@ def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.
     return closure
 
 
+def test_totals(net, x_test, y_test, cfg: Config, aug, device, autocast=None, shard=0, num_shards=1):
+    """(Σ cross-entropy, wrong, n) as a float64 tensor of `net` (in eval mode) on this process's
+    shard of the test set, in cfg.eval_batch_size batches (channels_last as cfg); the evaluation
+    of training and of `main.py --evaluate`."""
+    import torch
+    import data_utils
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y in data_utils.test_batches(x_test, y_test, cfg.eval_batch_size, aug,
+                                            device=device, shard=shard, num_shards=num_shards):
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if autocast is not None:
+                with autocast:
+                    out = net(x)
+            else:
+                out = net(x)
+            totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+            totals[1] += (out.argmax(1) != y).sum()
+            totals[2] += len(y)
+    return totals
+
+
 def _check_partial(partial, world, steps_per_epoch):
     """A mid-epoch record from a checkpoint must be well formed and fit this run."""
     if partial is None:
@@ -169,7 +192,8 @@ class Trainer:
         # data
         info = data_utils.DATASETS[cfg.dataset]
         self.info = info
-        xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
+        xtr, ytr, self.data_source = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download,
+                                                             cfg.train_size, cfg.seed, with_source=True)
         xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
         self.aug = build_augment(cfg, info)
         if len(xte) < self.world:
@@ -310,6 +334,8 @@ class Trainer:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             seen += len(y)
             images += sum(len(b[1]) for b in batches)
+            if step == start and getattr(progress, "wants_loss", False):  # a loss from the first step on
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")  # (one host sync per epoch)
             progress.update(1)
             sync = (step + 1) % 50 == 0  # one host sync per log interval
             # one process: a signal stops after this step; torchrun: the ranks agree at sync points
@@ -354,26 +380,13 @@ class Trainer:
 
     def evaluate(self):
         torch = self.torch
-        import data_utils
         if self.world > 1:  # every rank evaluates rank 0's BN statistics
             import torch.distributed as dist
             for b in self.model.buffers():
                 dist.broadcast(b, 0)
         self.model.eval()
-        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
-        with torch.no_grad():
-            for x, y in data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
-                                                device=self.device, shard=self.rank, num_shards=self.world):
-                if self.cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if self.autocast is not None:
-                    with self.autocast:
-                        out = self.net(x)
-                else:
-                    out = self.net(x)
-                totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
-                totals[1] += (out.argmax(1) != y).sum()
-                totals[2] += len(y)
+        totals = test_totals(self.net, self.test_x, self.test_y, self.cfg, self.aug, self.device, self.autocast,
+                             shard=self.rank, num_shards=self.world)
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)

@@ -111,3 +111,40 @@ def test_readme_optimizer_examples_run_as_written():
         if isinstance(opt, RWP):
             assert opt.batches_per_step == 2 and opt.bn_update == "clean"
     assert seen == {"AMP", "SAM", "RWP"} and any("LossScaler" in b for b in blocks)
+
+
+def test_pip_install_gives_the_optimizers_and_scaler_only(tmp_path):
+    """`pip install .` with the repository's pyproject.toml installs amp, rwp, sam and runner.scaler
+    (nothing else of the runner, no dependency pulled: --no-deps), importable from another folder.
+    Built from a copy of the files it needs, offline (setuptools is in the README's set-up line)."""
+    import shutil
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "amp.py", "rwp.py", "sam.py"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    shutil.copytree(os.path.join(ROOT, "runner"), src / "runner", ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
+    installed = sorted(os.path.relpath(os.path.join(d, f), site) for d, _, files in os.walk(site)
+                       for f in files if f.endswith(".py"))
+    assert installed == ["amp.py", os.path.join("runner", "__init__.py"), os.path.join("runner", "scaler.py"),
+                         "rwp.py", "sam.py"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import torch, amp, rwp, sam, runner.scaler as s\n"
+            "m = torch.nn.Linear(2, 1)\n"
+            "opt = sam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)\n"
+            "s.LossScaler(opt, list(m.parameters()))\n"
+            "print(amp.__file__, rwp.__file__, sam.__file__, s.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    assert all(path.startswith(str(site)) for path in out.stdout.split())
+
+
+def test_ci_installs_what_the_readme_says():
+    setup = readme_section("## Set up")
+    readme_line = re.search(r"```bash\n(pip install [^\n]*)\n", setup)[1]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert readme_line.replace("pip install ", "python -m pip install -q ", 1) in ci.splitlines()
