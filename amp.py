@@ -40,6 +40,7 @@ Closure form (the seed API; the closure zeroes the gradients itself):
         outputs = model(inputs); loss = loss_fn(outputs, targets); loss.backward()
         return outputs, loss
     outputs, loss = optimizer.step(closure)      # detached outputs/loss of the clean pass
+    # a closure that returns only the loss works too: loss = optimizer.step(closure)
 
 Two-phase form (custom loops, DDP: all-reduce happens inside backward, so Δ is the same on
 every rank); step(closure) is exactly this:
@@ -113,7 +114,8 @@ class AMP(torch.optim.Optimizer):
         epsilon: radius ε of the perturbation ball, >= 0 (0 = the base optimizer).
         inner_lr: step size ζ of the inner gradient ascent, >= 0.
         inner_iter: number N of ascent steps, int >= 0; a step costs N+1 passes.
-        base_optimizer: optimizer class for the outer step (default torch.optim.SGD).
+        base_optimizer: optimizer class for the outer step (None = torch.optim.SGD); davda54/sam's
+            order, the class in lr's place, works too: ``AMP(params, torch.optim.SGD, lr=0.1, epsilon=0.5)``.
         ball: 'tensor' (one ball per parameter tensor, official) or 'global' (one ball).
         bn_update: 'all' (running stats updated by every pass, official) or 'clean'
             (only the clean pass; needs ``model``).
@@ -123,8 +125,11 @@ class AMP(torch.optim.Optimizer):
 
     batches_per_step = 1  # one mini-batch per step: every pass sees the same batch
 
-    def __init__(self, params, lr, epsilon, inner_lr=1, inner_iter=1, base_optimizer=torch.optim.SGD,
+    def __init__(self, params, lr=None, /, epsilon=None, inner_lr=1, inner_iter=1, base_optimizer=None,
                  *, ball="tensor", bn_update="all", model=None, **kwargs):
+        lr, base_optimizer = _lr_and_base("AMP", lr, base_optimizer, kwargs)
+        if epsilon is None:
+            raise TypeError("AMP: missing required argument 'epsilon' (the radius of the perturbation ball)")
         _check_nonneg("epsilon", epsilon)
         _check_nonneg("inner_lr", inner_lr)
         if isinstance(inner_iter, bool) or not isinstance(inner_iter, int) or inner_iter < 0:
@@ -253,7 +258,8 @@ class AMP(torch.optim.Optimizer):
 
     # ---- closure API ----------------------------------------------------------------------
     def step(self, closure=None):
-        """N+1 forward/backward passes, then the base step. Returns the clean pass's (outputs, loss)."""
+        """N+1 forward/backward passes, then the base step. Returns what the clean pass's closure
+        returned, detached: (outputs, loss), or the loss of a closure that returns only the loss."""
         if closure is None:
             raise ValueError("AMP: step() needs a closure that zeroes grads, runs forward+backward "
                              "and returns (outputs, loss)")
@@ -268,6 +274,22 @@ class AMP(torch.optim.Optimizer):
             raise
         self.base_step()                           # restore θ, then θ ← base_step(θ, g_N)
         return clean
+
+
+def _lr_and_base(name, lr, base_optimizer, kwargs):
+    """(lr, base optimizer class) from ``OPT(params, lr, ...)``, ``OPT(params, lr=...)`` or the
+    davda54/sam habit ``OPT(params, torch.optim.SGD, lr=...)`` (the base optimizer class in lr's place)."""
+    if isinstance(lr, type):
+        if base_optimizer is not None:
+            raise TypeError(f"{name}: two base optimizers given ({lr.__name__} in lr's place and base_optimizer=)")
+        lr, base_optimizer = kwargs.pop("lr", None), lr
+    elif "lr" in kwargs:
+        if lr is not None:
+            raise TypeError(f"{name}: got multiple values for argument 'lr'")
+        lr = kwargs.pop("lr")
+    if lr is None:
+        raise TypeError(f"{name}: missing required argument 'lr' (the base optimizer's learning rate)")
+    return lr, torch.optim.SGD if base_optimizer is None else base_optimizer
 
 
 def _detach(value):

@@ -99,6 +99,7 @@ def _find_idx(folder: str, stem: str):
 
 
 def _fashion_mnist(data_dir: str, train: bool, download: bool):
+    """(images, labels, the folder read)."""
     prefix = "train" if train else "t10k"
     # Flat idx folders first: the one given, then the Debian package's.
     for folder in (data_dir, DEBIAN_FASHION_MNIST):
@@ -107,7 +108,7 @@ def _fashion_mnist(data_dir: str, train: bool, download: bool):
         if images and labels:
             x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
             y = torch.from_numpy(_read_idx(labels).astype(np.int64))
-            return x, y
+            return x, y, os.path.abspath(folder)
     from torchvision import datasets
     try:  # torchvision's layout: data_dir/FashionMNIST/raw/
         with _UndoOnFailure(data_dir):
@@ -118,7 +119,7 @@ def _fashion_mnist(data_dir: str, train: bool, download: bool):
         raise _missing("fashionmnist", data_dir, "the four idx files (train-images-idx3-ubyte.gz, ...) "
                        "or install the Debian package dataset-fashion-mnist, then put them",
                        e if download else None) from None
-    return ds.data.unsqueeze(1).clone(), ds.targets.clone().long()
+    return ds.data.unsqueeze(1).clone(), ds.targets.clone().long(), os.path.abspath(ds.raw_folder)
 
 
 class _UndoOnFailure:
@@ -177,8 +178,10 @@ def _torchvision(dataset: str, data_dir: str, train: bool, download: bool):
 
 
 def load_dataset(dataset: str, data_dir: str, train: bool, download: bool = False,
-                 size: int = 0, seed: int = 0):
-    """Return (uint8 images (N, C, H, W), int64 labels (N,)) on the CPU; `size` > 0 keeps the first N."""
+                 size: int = 0, seed: int = 0, with_source: bool = False):
+    """Return (uint8 images (N, C, H, W), int64 labels (N,)) on the CPU; `size` > 0 keeps the first N.
+    With `with_source`, a third item says where the data came from: the absolute path of the folder
+    read (Fashion-MNIST falls back to the Debian package's folder), or 'synthetic (seed S)'."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if dataset == "synthetic":
@@ -186,18 +189,20 @@ def load_dataset(dataset: str, data_dir: str, train: bool, download: bool = Fals
         n = size or (50000 if train else 10000)
         g = torch.Generator().manual_seed(seed * 2 + int(train))
         x = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g, dtype=torch.uint8)
-        return x, torch.randint(0, info.num_classes, (n,), generator=g)
+        y = torch.randint(0, info.num_classes, (n,), generator=g)
+        return (x, y, f"synthetic (seed {seed})") if with_source else (x, y)
     if dataset == "imagenet":
         raise DataError("imagenet is streamed from its files (data_folder.FolderData), not loaded whole")
     if dataset == "fashionmnist":
-        x, y = _fashion_mnist(data_dir, train, download)
+        x, y, source = _fashion_mnist(data_dir, train, download)
     else:
         if not download and not os.path.isdir(data_dir):
             raise _missing(dataset, data_dir, "the dataset files")
         x, y = _torchvision(dataset, data_dir, train, download)
+        source = os.path.abspath(data_dir)
     if size:
         x, y = x[:size], y[:size]
-    return x.contiguous(), y
+    return (x.contiguous(), y, source) if with_source else (x.contiguous(), y)
 
 
 def mix_seed(*parts: int) -> int:

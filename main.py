@@ -20,6 +20,7 @@ import time
 
 from runner.config import EXIT_RUNTIME, EXIT_USAGE, Config, UsageError, _parser, check_launch, parse_config
 from runner import rundir
+from runner.progress import Progress, TensorBoardLog, require_tensorboard
 from runner.records import RunLog, finished, git_commit, resume_config, write_summary, write_text
 from runner.training import STOP, Diverged, SaveFailed, Trainer, init_distributed
 
@@ -94,7 +95,8 @@ def write_start_records(cfg: Config, run_dir, argv, trainer, world, new):
 
 def train(cfg: Config, explicit: set, argv) -> int:
     import torch
-    from tqdm import tqdm
+    if cfg.tensorboard:
+        require_tensorboard()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_launch(cfg, explicit)
@@ -117,7 +119,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
     if rank0:
         write_start_records(cfg, run_dir, argv, trainer, world, new=ckpt is None)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} {cfg.model} "
+    log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} (from {trainer.data_source}) {cfg.model} "
              f"({n_params:,} params) {cfg.optimizer} on {trainer.device}"
              + (f" ×{world} ranks" if world > 1 else "") + f", {cfg.epochs} epochs from epoch {trainer.start_epoch + 1}")
     if cfg.precision == "fp16" and trainer.device.type == "cpu":
@@ -128,8 +130,11 @@ def train(cfg: Config, explicit: set, argv) -> int:
     train_time = sum(r["epoch_time_s"] for r in trainer.history)
     images_total = sum(r.get("images", 0) for r in trainer.history)
     done_steps = (trainer.resume_partial or {}).get("step", 0)
-    progress = tqdm(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
-                    disable=not rank0 or None, leave=False, dynamic_ncols=True, desc="train")
+    progress = Progress(total=trainer.steps_per_epoch * (cfg.epochs - trainer.start_epoch) - done_steps,
+                        steps_per_epoch=trainer.steps_per_epoch, epochs=cfg.epochs,
+                        done=trainer.steps_per_epoch * trainer.start_epoch + done_steps, active=rank0,
+                        images_per_step=cfg.batch_size * len(trainer.loaders) * world, every_s=cfg.progress_every)
+    board = TensorBoardLog(run_dir, trainer.start_epoch) if cfg.tensorboard and rank0 else None
     signum, partial = 0, None
     # (epoch, step) of the checkpoint on disk; None before the first one
     saved = (trainer.start_epoch, (trainer.resume_partial or {}).get("step", 0)) if cfg.resume else None
@@ -172,6 +177,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
             if rank0:
                 trainer.save_checkpoint(epoch + 1)
                 log.metrics(row)
+                if board is not None:
+                    board.add(row)
             saved = epoch + 1, 0
             test = (f"test loss {test_loss:.4f} err {test_error:.2f}% top-5 {test_error5:.2f}%"
                     if test_error is not None else "test -")
@@ -198,10 +205,12 @@ def train(cfg: Config, explicit: set, argv) -> int:
     finally:
         STOP.escalate = False  # from here on, signals wait for the records to be written
         progress.close()
+        if board is not None:
+            board.close()
     if rank0:
         try:
             write_summary(run_dir, cfg, trainer.history, status, message, train_time, images_total,
-                          trainer.wall_time(), world, trainer.rwp_mode)
+                          trainer.wall_time(), world, trainer.rwp_mode, data_read_from=trainer.data_source)
         except OSError as e:
             message += f"; summary.json could not be written either ({e.strerror})"
     if message:
@@ -228,6 +237,9 @@ def main(argv=None) -> int:
         _parser().print_help()
         return 0
     try:
+        if "--evaluate" in argv:  # a finished run's test error; writes nothing
+            from runner.evaluate import evaluate_command
+            return evaluate_command(argv)
         cfg, explicit = parse_config(argv)
         return train(cfg, explicit, argv)
     except KeyboardInterrupt:  # Ctrl-C before training began (in a step, train() saves and returns)

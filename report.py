@@ -52,7 +52,8 @@ import sys
 from runner.records import output_problem
 
 IGNORED = {"seed", "name", "out_dir", "resume", "on_existing", "device", "workers", "eval_batch_size", "compile",
-           "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread"}
+           "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread",
+           "progress_every", "tensorboard"}
 _AMP = ("epsilon", "inner_lr", "inner_iter", "amp_ball")
 _RWP = ("gamma", "alpha", "arwp", "gamma_final")
 # field → condition on the config under which the field changes results

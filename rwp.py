@@ -45,7 +45,8 @@ Modes (chosen at construction; the runner reads ``batches_per_step`` and ``rank_
         data independently, so the terms see different batches. Odd N raises ValueError. With one
         process (not initialised, or world size 1) parallel=True falls back to the sequential
         two-batch mode with a warning (the official script silently trains plain SGD there).
-    A closure must return (outputs, loss); step returns the value of the clean pass (at θ), detached. Where a
+    A closure returns (outputs, loss) or the loss alone; step returns that value of the clean pass (at θ),
+    detached. Where a
     process runs no clean pass (α=1; perturbed ranks in parallel mode) it returns the perturbed
     pass's value; ``returns_clean`` says which.
 
@@ -134,7 +135,8 @@ class RWP(torch.optim.Optimizer):
         lr: learning rate of the base optimizer.
         gamma: noise scale γ (σ_t at t=0), ≥ 0; γ=0 gives the base optimizer's update on the mix.
         alpha: weight α of the perturbed term, in [0, 1]; 1 = perturbed gradient only, 0 = base.
-        base_optimizer: optimizer class wrapped, built as ``base_optimizer(param_groups, lr=lr, **kwargs)``.
+        base_optimizer: optimizer class wrapped, built as ``base_optimizer(param_groups, lr=lr, **kwargs)``
+            (None = torch.optim.SGD); davda54/sam's order, the class in lr's place, works too.
         two_batches: True = perturbed term on closure(batch=1), clean on closure(batch=0)
             (``batches_per_step`` 2; the official behaviour); False (default) = both on closure().
         parallel: split the two terms over even/odd ranks under torch.distributed (see the module
@@ -155,10 +157,11 @@ class RWP(torch.optim.Optimizer):
     θ), ``parallel`` (parallel mode active), ``bn_update`` (resolved policy), ``step_count``.
     """
 
-    def __init__(self, params, lr, gamma=0.01, alpha=0.5, base_optimizer=torch.optim.SGD, *,
+    def __init__(self, params, lr=None, /, gamma=0.01, alpha=0.5, base_optimizer=None, *,
                  two_batches=False, parallel=False, bn_update="auto", model=None, seed=0,
                  arwp=False, arwp_eta=0.1, arwp_beta=0.99, gamma_final=None, total_steps=None,
                  **kwargs):
+        lr, base_optimizer = _lr_and_base("RWP", lr, base_optimizer, kwargs)
         _check_range("gamma", gamma, 0.0, math.inf, "a float >= 0")
         _check_range("alpha", alpha, 0.0, 1.0, "a float in [0, 1]")
         _check_range("arwp_eta", arwp_eta, 0.0, math.inf, "a float >= 0")
@@ -385,7 +388,7 @@ class RWP(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One RWP step. ``closure(batch=0, loss_weight=1.0)`` zeroes the gradients, runs forward
-        and backward on (loss·loss_weight) and returns (outputs, loss)."""
+        and backward on (loss·loss_weight) and returns (outputs, loss) or the loss alone."""
         if closure is None:
             raise ValueError("RWP.step needs a closure (or use perturb()/restore()/base_step())")
         closure = torch.enable_grad()(closure)
@@ -435,6 +438,22 @@ class RWP(torch.optim.Optimizer):
         self.seed = int(extra["seed"])
         self._scratch = None
         self._stashed = None
+
+
+def _lr_and_base(name, lr, base_optimizer, kwargs):
+    """(lr, base optimizer class) from ``OPT(params, lr, ...)``, ``OPT(params, lr=...)`` or the
+    davda54/sam habit ``OPT(params, torch.optim.SGD, lr=...)`` (the base optimizer class in lr's place)."""
+    if isinstance(lr, type):
+        if base_optimizer is not None:
+            raise TypeError(f"{name}: two base optimizers given ({lr.__name__} in lr's place and base_optimizer=)")
+        lr, base_optimizer = kwargs.pop("lr", None), lr
+    elif "lr" in kwargs:
+        if lr is not None:
+            raise TypeError(f"{name}: got multiple values for argument 'lr'")
+        lr = kwargs.pop("lr")
+    if lr is None:
+        raise TypeError(f"{name}: missing required argument 'lr' (the base optimizer's learning rate)")
+    return lr, torch.optim.SGD if base_optimizer is None else base_optimizer
 
 
 def _check_total_steps(total_steps):

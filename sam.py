@@ -65,7 +65,9 @@ class SAM(torch.optim.Optimizer):
         lr: learning rate of the base optimizer.
         rho: radius ρ ≥ 0 of the perturbation ball (SAM paper: 0.05 CIFAR-10, 0.1 CIFAR-100;
             ASAM paper: 0.5 / 1.0).
-        base_optimizer: ``torch.optim.Optimizer`` subclass doing the update; gets ``lr`` and ``**kwargs``.
+        base_optimizer: ``torch.optim.Optimizer`` subclass doing the update; gets ``lr`` and ``**kwargs``
+            (None = torch.optim.SGD). davda54/sam's order, the class in lr's place, works too:
+            ``SAM(params, torch.optim.SGD, lr=0.1, rho=0.05, momentum=0.9)``.
         adaptive: ASAM's adaptive ball T = |w| + η.
         eta: η ≥ 0 of ASAM (official 0.01).
         bn_update: ``'clean'`` (only the clean pass changes BatchNorm running stats; the official
@@ -78,14 +80,16 @@ class SAM(torch.optim.Optimizer):
             model has it, else none.
         **kwargs: passed to ``base_optimizer`` (momentum, nesterov, weight_decay, ...).
 
-    ``outputs, loss = opt.step(closure)`` returns what the clean pass's closure returned.
+    ``outputs, loss = opt.step(closure)`` returns what the clean pass's closure returned, detached:
+    (outputs, loss), or the loss alone for a closure that returns only the loss (``loss = opt.step(closure)``).
     Two-phase form for custom loops: ``perturb()`` (ε̂ from the current ``.grad``) →
     backward at θ+ε̂ → ``restore()`` → ``base_step()``; ``first_step``/``second_step`` are the
     same in the naming of davda54/sam.
     """
 
-    def __init__(self, params, lr, rho=0.05, base_optimizer=torch.optim.SGD, *, adaptive=False,
+    def __init__(self, params, lr=None, /, rho=0.05, base_optimizer=None, *, adaptive=False,
                  eta=0.01, bn_update=None, model=None, no_sync=None, **kwargs):
+        lr, base_optimizer = _lr_and_base("SAM", lr, base_optimizer, kwargs)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         if not isinstance(adaptive, bool):
@@ -228,7 +232,7 @@ class SAM(torch.optim.Optimizer):
 
     def step(self, closure=None, parts=None):
         """One SAM/ASAM step. ``closure()`` zeroes the grads, runs forward + backward and returns
-        (outputs, loss); it is called twice on the same batch. Returns the clean call's result, detached.
+        (outputs, loss) or the loss alone; it is called twice on the same batch. Returns the clean call's result, detached.
 
         m-sharpness (``parts`` = K > 1, or a ``closure.parts`` attribute): the batch is K sub-batches
         of m examples and ``closure(part=i)`` must ADD the gradient of (n_i/B)·L_i (sub-batch i of
@@ -307,6 +311,22 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+
+def _lr_and_base(name, lr, base_optimizer, kwargs):
+    """(lr, base optimizer class) from ``OPT(params, lr, ...)``, ``OPT(params, lr=...)`` or the
+    davda54/sam habit ``OPT(params, torch.optim.SGD, lr=...)`` (the base optimizer class in lr's place)."""
+    if isinstance(lr, type):
+        if base_optimizer is not None:
+            raise TypeError(f"{name}: two base optimizers given ({lr.__name__} in lr's place and base_optimizer=)")
+        lr, base_optimizer = kwargs.pop("lr", None), lr
+    elif "lr" in kwargs:
+        if lr is not None:
+            raise TypeError(f"{name}: got multiple values for argument 'lr'")
+        lr = kwargs.pop("lr")
+    if lr is None:
+        raise TypeError(f"{name}: missing required argument 'lr' (the base optimizer's learning rate)")
+    return lr, torch.optim.SGD if base_optimizer is None else base_optimizer
 
 
 def _check_nonneg(name, value):

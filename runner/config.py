@@ -86,9 +86,11 @@ class Config:
     eval_every: int = 1               # evaluate every k epochs (and after the last)
     eval_batch_size: int = 1000       # test batch size
     out_dir: str = "runs"             # parent folder of run folders
-    name: str = ""                    # run folder name ('' = dataset_model_optimizer_sSEED)
+    name: str = ""                    # run folder name (default DATASET_MODEL_OPTIMIZER_sSEED; -1, -2, ... if taken)
     resume: str = ""                  # run folder to continue
     on_existing: str = "new"          # out_dir/name exists: new (a new folder name-1, ...) | resume (continue it if its settings are these)
+    progress_every: float = 30.0      # seconds between progress lines when stdout is not a terminal (0 = none)
+    tensorboard: bool = False         # also write the epoch metrics as TensorBoard event files into the run folder
     # the paper's number this config reproduces (for the log and report.py)
     paper_ref: str = ""               # "source, table, row"
     paper_error: typing.Optional[float] = None   # % test error
@@ -121,19 +123,22 @@ RANGES = [
     ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
     ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
     ("eval_every", 1, None, True), ("image_size", 8, None, True), ("eval_batch_size", 1, None, True),
-    ("seed", 0, 2 ** 32 - 1, True),
+    ("seed", 0, 2 ** 32 - 1, True), ("progress_every", 0, None, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Fields that may differ when resuming a run: they do not change what is computed (device,
 # channels_last and compile change the floating-point rounding: bit-exact resumes need the same).
 RESUME_MAY_CHANGE = {"device", "workers", "resume", "eval_batch_size", "compile", "channels_last",
-                     "data_dir", "download", "on_existing"}
+                     "data_dir", "download", "on_existing", "progress_every", "tensorboard"}
 INT_MAX = 2 ** 31 - 1  # no integer setting goes beyond this (sizes, counts, epochs)
 # Fields a flag may change without changing the setting a config's paper number belongs to.
 PAPER_SETTING_KEPT = RESUME_MAY_CHANGE | {"seed", "name", "out_dir", "precision", "eval_every"}
 
 
 DESCRIPTION = "Train a model with SGD, AMP, RWP, SAM or ASAM and log its test error next to the paper's."
+EPILOG = """A finished (or stopped) run:
+  python main.py --evaluate RUN_DIR [--device auto|cpu|cuda]
+      prints the test loss and error of RUN_DIR's last checkpoint on the run's test set; writes nothing."""
 
 
 class UsageError(Exception):
@@ -334,14 +339,41 @@ def _optional_float(text):
         raise argparse.ArgumentTypeError(f"invalid value {text!r} (a number or none)") from None
 
 
+def field_comments():
+    """{field: its one-line comment in the Config source above}: the one description of each
+    setting, shown by `main.py --help`."""
+    import inspect
+    import io
+    import tokenize
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):  # no source (frozen install): --help shows defaults only
+        return {}
+    comments, line_field = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        row = tok.start[0]
+        if tok.type == tokenize.NAME and row not in line_field:
+            line_field[row] = tok.string
+        elif tok.type == tokenize.COMMENT and line_field.get(row) in FIELDS:
+            comments[line_field[row]] = tok.string.lstrip("#").strip()
+    return comments
+
+
+def _help(name, default, comments):
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    text = comments.get(name, "") + (f" (default: {shown})" if shown not in ("", None) or _kind(name) == "optfloat" else "")
+    return text.strip().replace("%", "%%")
+
+
 def _parser():
     p = _Parser(prog="main.py", description=DESCRIPTION, allow_abbrev=False,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--config", help="YAML file of Config fields (overrides the defaults)")
+    comments = field_comments()
     for name, f in FIELDS.items():
         kind = _kind(name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(dest=name, default=argparse.SUPPRESS, help=f"(default: {default})")
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=_help(name, default, comments))
         if kind == "bool":
             p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
         elif kind == "list":

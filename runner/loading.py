@@ -30,6 +30,13 @@ def read_checkpoint(run_dir: str):
 def load_run(run_dir: str, device="cpu"):
     """(model, cfg): the run's model with the weights of its last checkpoint, in eval mode on
     `device`, and its Config (the one saved in the checkpoint, i.e. what actually ran)."""
+    model, cfg, _ = load_run_checkpoint(run_dir, device)
+    return model, cfg
+
+
+def load_run_checkpoint(run_dir: str, device="cpu"):
+    """(model, cfg, checkpoint dict) of load_run; the checkpoint says how far the run got
+    (`epoch`, and `partial` when saved mid-epoch)."""
     import torch
     import data_utils
     import models
@@ -44,7 +51,7 @@ def load_run(run_dir: str, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UsageError(f"{run_dir}: checkpoint does not fit model {cfg.model} ({str(e).splitlines()[0][:200]})") from None
-    return model.to(torch.device(device)).eval(), cfg
+    return model.to(torch.device(device)).eval(), cfg, ckpt
 
 
 def load_data(cfg: Config, train: bool = False):

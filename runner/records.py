@@ -171,9 +171,10 @@ def finished(run_dir, status="completed") -> bool:
         return False
 
 
-def write_summary(run_dir, cfg, history, status, message, train_time, images, wall, world=1, rwp_mode=None):
+def write_summary(run_dir, cfg, history, status, message, train_time, images, wall, world=1, rwp_mode=None, **extra):
     """summary.json: status (completed, diverged, interrupted, failed), final and best test error,
-    time, and how the run was launched (process count; RWP's parallel or sequential mode)."""
+    time, how the run was launched (process count; RWP's parallel or sequential mode), and `extra`
+    (data_read_from: the data folder actually read)."""
     tested = [r for r in history if r["test_error"] is not None]
     best = min(tested, key=lambda r: r["test_error"]) if tested else None
     top5 = [r["test_error_top5"] for r in tested if r.get("test_error_top5") is not None]
@@ -191,6 +192,7 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
         "images_per_s": round(images / train_time, 1) if train_time > 0 else None,
         "world_size": world, **({"rwp_mode": rwp_mode} if rwp_mode else {}),
         "paper_ref": cfg.paper_ref, "paper_error": cfg.paper_error, "paper_spread": cfg.paper_spread,
+        **extra,  # data_read_from: the data folder actually read
     }
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
@@ -230,7 +232,10 @@ class RunLog:
     def line(self, text, err=False):
         if not self.active:
             return
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        from tqdm import tqdm
+        stream = sys.stderr if err else sys.stdout
+        with tqdm.external_write_mode(file=stream):  # above a progress bar, never on its line
+            print(text, file=stream, flush=True)
         self._append("log.txt", text + "\n")
 
     def metrics(self, row):

@@ -162,6 +162,29 @@ def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.
     return closure
 
 
+def test_totals(net, batches, device, channels_last=False, autocast=None, num_classes=10):
+    """(Σ cross-entropy, top-1 wrong, n, top-5 wrong) as a float64 tensor of `net` (in eval mode)
+    over `batches` (this process's shard of the test set); top-5 is top-min(5, classes). The
+    evaluation of training and of `main.py --evaluate`."""
+    import torch
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    k = min(5, num_classes)
+    with torch.no_grad():
+        for x, y in batches:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if autocast is not None:
+                with autocast:
+                    out = net(x)
+            else:
+                out = net(x)
+            totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+            totals[1] += (out.argmax(1) != y).sum()
+            totals[2] += len(y)
+            totals[3] += (out.topk(k, 1).indices != y.view(-1, 1)).all(1).sum()  # y not in the top k
+    return totals
+
+
 def _check_partial(partial, world, steps_per_epoch):
     """A mid-epoch record from a checkpoint must be well formed and fit this run."""
     if partial is None:
@@ -201,10 +224,12 @@ class Trainer:
         if cfg.dataset == "imagenet":
             import data_folder
             self.folder = data_folder.FolderData.shared(cfg.data_dir, cfg.train_size, cfg.test_size)
+            self.data_source = os.path.abspath(cfg.data_dir)
             info = dataclasses.replace(info, num_classes=self.folder.num_classes, size=cfg.image_size)
             n_test = len(self.folder.val[1])
         else:
-            xtr, ytr = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download, cfg.train_size, cfg.seed)
+            xtr, ytr, self.data_source = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download,
+                                                                 cfg.train_size, cfg.seed, with_source=True)
             xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
             n_test = len(xte)
             for name, asked, have in (("train_size", cfg.train_size, len(xtr)), ("test_size", cfg.test_size, n_test)):
@@ -383,6 +408,8 @@ class Trainer:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             seen += len(y)
             images += sum(len(b[1]) for b in batches)
+            if step == start and getattr(progress, "wants_loss", False):  # a loss from the first step on
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")  # (one host sync per epoch)
             progress.update(1)
             sync = (step + 1) % 50 == 0  # one host sync per log interval
             # one process: a signal stops after this step; torchrun: the ranks agree at sync points
@@ -430,13 +457,11 @@ class Trainer:
         """(test loss, top-1 error %, top-5 error %) of the model at θ on the whole test set, each
         sample counted once (rank r of W takes samples r, r + W, ...)."""
         torch = self.torch
-        import data_utils
         if self.world > 1:  # every rank evaluates rank 0's BN statistics
             import torch.distributed as dist
             for b in self.model.buffers():
                 dist.broadcast(b, 0)
         self.model.eval()
-        totals = torch.zeros(4, device=self.device, dtype=torch.float64)
         if self.folder is not None:
             batches = self.folder.test_batches(self.cfg.eval_batch_size, self.cfg.image_size, self.aug,
                                                device=self.device, shard=self.rank, num_shards=self.world,
@@ -444,20 +469,7 @@ class Trainer:
         else:
             batches = data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
                                               device=self.device, shard=self.rank, num_shards=self.world)
-        k = min(5, self.info.num_classes)
-        with torch.no_grad():
-            for x, y in batches:
-                if self.cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if self.autocast is not None:
-                    with self.autocast:
-                        out = self.net(x)
-                else:
-                    out = self.net(x)
-                totals[0] += torch.nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
-                totals[1] += (out.argmax(1) != y).sum()
-                totals[2] += len(y)
-                totals[3] += (out.topk(k, 1).indices != y.view(-1, 1)).all(1).sum()  # y not in the top k
+        totals = test_totals(self.net, batches, self.device, self.cfg.channels_last, self.autocast, self.info.num_classes)
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)

@@ -400,17 +400,17 @@ precision channels_last compile workers eval_every out_dir name paper_ref paper_
 """.split())
 DATASETS = ("svhn", "cifar10", "cifar100")
 CUTOUT_SIZE = {"cifar10": 16, "cifar100": 8, "svhn": 20}
-# PAPERS.md §1, official README: (epsilon, inner_lr, inner_iter)
+# hiyouga/AMP-Regularizer @ 87e689f README.md and the AMP paper (arXiv 2010.04925): (epsilon, inner_lr, inner_iter)
 HYPER = {"preactresnet18": (0.5, 1, 1), "vgg16": (0.1, 0.2, 1),
          "standard": (0.5, 1, 1), "cutout": (0.3, 0.5, 1), "autoaugment": (0.1, 0.1, 1)}
-# PAPERS.md Table A: model -> dataset -> (ERM error, spread, AMP error, spread)
+# AMP paper (arXiv 2010.04925), PreActResNet18/VGG16 table: model -> dataset -> (ERM error, spread, AMP error, spread)
 TABLE_A = {
     "preactresnet18": {"svhn": (2.95, 0.063, 2.30, 0.025), "cifar10": (5.02, 0.212, 3.97, 0.091),
                        "cifar100": (24.31, 0.303, 21.51, 0.308)},
     "vgg16": {"svhn": (3.14, 0.060, 2.73, 0.015), "cifar10": (6.32, 0.193, 5.65, 0.147),
               "cifar100": (27.84, 0.297, 25.60, 0.168)},
 }
-# PAPERS.md Table B: (dataset, aug) -> WRN ERM, WRN AMP, PyramidNet ERM, PyramidNet AMP (error, spread)
+# AMP paper (arXiv 2010.04925), WRN-28-10/PyramidNet table: (dataset, aug) -> WRN ERM, WRN AMP, PyramidNet ERM, PyramidNet AMP (error, spread)
 TABLE_B = {
     ("svhn", "standard"): ((2.57, 0.067), (2.19, 0.036), (2.47, 0.034), (2.11, 0.041)),
     ("svhn", "cutout"): ((2.27, 0.085), (1.83, 0.018), (2.19, 0.021), (1.82, 0.023)),

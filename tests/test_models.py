@@ -1,5 +1,6 @@
 """models/: the registry, forward shapes at 28×28 and 32×32, the official parameter counts
-(PAPERS.md §4), the quirks of the official code, dropout handling, and docs/models.md."""
+(counted from hiyouga/AMP-Regularizer @ 87e689f and nblt/RWP @ cb0acb0 models/), the quirks of the
+official code, dropout handling, and docs/models.md."""
 import os
 
 import pytest
@@ -12,7 +13,8 @@ from models.common import GlobalAvgPool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# PAPERS.md §4: params (10 classes), params (100 classes), parameter tensors.
+# Counted from the official models/ (hiyouga/AMP-Regularizer @ 87e689f, nblt/RWP @ cb0acb0):
+# params (10 classes), params (100 classes), parameter tensors.
 OFFICIAL = {
     "preactresnet18": (11_176_906, 11_223_076, 75),
     "preactresnet34": (21_288_778, 21_334_948, 139),
