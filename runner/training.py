@@ -456,7 +456,7 @@ class Trainer:
     def evaluate(self):
         """(test loss, top-1 error %, top-5 error %) of the model at θ on the whole test set, each
         sample counted once (rank r of W takes samples r, r + W, ...)."""
-        torch = self.torch
+        import data_utils
         if self.world > 1:  # every rank evaluates rank 0's BN statistics
             import torch.distributed as dist
             for b in self.model.buffers():
