@@ -17,6 +17,7 @@ Cutout forms (both: one square hole, box start s ~ U{-⌊L/2⌋, ..., H-⌊L/2�
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -111,7 +112,7 @@ def _fashion_mnist(data_dir: str, train: bool, download: bool):
             return x, y, os.path.abspath(folder)
     from torchvision import datasets
     try:  # torchvision's layout: data_dir/FashionMNIST/raw/
-        with _UndoOnFailure(data_dir):
+        with _UndoOnFailure(data_dir) if download else contextlib.nullcontext():
             ds = datasets.FashionMNIST(data_dir, train=train, download=download)
     except (RuntimeError, OSError) as e:  # OSError: urllib's URLError, ConnectionError
         if isinstance(e, OSError) and not download:
@@ -160,7 +161,7 @@ class _UndoOnFailure:
 def _torchvision(dataset: str, data_dir: str, train: bool, download: bool):
     from torchvision import datasets
     try:
-        with _UndoOnFailure(data_dir):
+        with _UndoOnFailure(data_dir) if download else contextlib.nullcontext():
             if dataset == "svhn":  # core training set only, as in the AMP code
                 ds = datasets.SVHN(data_dir, split="train" if train else "test", download=download)
                 return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))

@@ -21,7 +21,7 @@ import time
 from runner.config import EXIT_RUNTIME, EXIT_USAGE, Config, UsageError, _parser, check_launch, parse_config
 from runner import rundir
 from runner.progress import Progress, TensorBoardLog, require_tensorboard
-from runner.records import RunLog, finished, git_commit, resume_config, write_summary, write_text
+from runner.records import RunLog, finished, git_commit, resume_config, write_error, write_summary, write_text
 from runner.training import STOP, Diverged, SaveFailed, Trainer, init_distributed
 
 
@@ -33,14 +33,21 @@ def _decide_folder(cfg: Config):
         if cfg.resume:
             if not os.path.isdir(cfg.resume):
                 raise UsageError(f"resume: {cfg.resume!r} is not a run folder")
+            if not os.path.isfile(os.path.join(cfg.resume, "checkpoint.pt")):
+                raise UsageError(f"resume: {cfg.resume!r} has no checkpoint.pt (nothing to resume; start a new run)")
             rundir.lock(cfg.resume)
             return "resume", cfg.resume
         path = os.path.join(cfg.out_dir, rundir.default_name(cfg))
         if cfg.on_existing != "resume" or not os.path.isdir(path):
             return "new", None
+        if not rundir.looks_like_run(path):
+            raise UsageError(f"{path} exists and is not a run folder; choose another --name or --out_dir")
         rundir.lock(path)  # (a live run of this row: "in use", exit 2)
         if os.path.isfile(os.path.join(path, "checkpoint.pt")):
             return "resume", path
+        for status in ("completed", "diverged"):  # (its checkpoint deleted to save space)
+            if finished(path, status):
+                return "done", f"{path} has {'finished' if status == 'completed' else status} (summary.json); skipped"
         if rundir.holds_only_lock(path):
             return "new", path
         aside = rundir.set_aside(path)
@@ -68,15 +75,12 @@ def open_run(cfg: Config, explicit: set):
     action, where = decision
     if action == "error":
         raise UsageError(where)
+    if action == "done":
+        return cfg, None, None, where
     if action == "new":
         return cfg, None, where, None
-    whole = not cfg.resume  # a recipe's row: every setting must be the saved one
-    cfg, ckpt = resume_config(cfg, explicit, where, whole=whole)
-    if ckpt["epoch"] == cfg.epochs and "partial" not in ckpt and finished(where):
-        return cfg, ckpt, where, f"{where} has finished all {cfg.epochs} epochs; nothing to resume (its records are unchanged)"
-    if whole and finished(where, "diverged"):
-        return cfg, ckpt, where, f"{where} diverged (see its summary.json); not resumed, it would diverge again"
-    return cfg, ckpt, where, None
+    cfg, ckpt, done = resume_config(cfg, explicit, where, whole=not cfg.resume)  # (whole: a recipe's row)
+    return cfg, ckpt, where, done
 
 
 def write_start_records(cfg: Config, run_dir, argv, trainer, world, new):
@@ -104,6 +108,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
     if nothing_to_do:
         if rank0:
             print(nothing_to_do)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return 0
     check_launch(cfg, explicit)
     trainer = Trainer(cfg, run_dir or "", ckpt)  # bad values and data are refused before any folder exists
@@ -117,7 +123,11 @@ def train(cfg: Config, explicit: set, argv) -> int:
         trainer.run_dir = run_dir
     log = RunLog(run_dir, rank0)
     if rank0:
-        write_start_records(cfg, run_dir, argv, trainer, world, new=ckpt is None)
+        try:
+            write_start_records(cfg, run_dir, argv, trainer, world, new=ckpt is None)
+        except OSError as e:  # a full disk before the first epoch: nothing to save yet
+            print(f"main.py: error: {write_error(e.filename or run_dir, e, 0)}", file=sys.stderr)
+            return EXIT_RUNTIME
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} (from {trainer.data_source}) {cfg.model} "
              f"({n_params:,} params) {cfg.optimizer} on {trainer.device}"

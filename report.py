@@ -322,9 +322,11 @@ def _flatness(runs):
     for r in runs:
         try:
             with open(os.path.join(r.path, "flatness.json")) as f:
-                recs.append(json.load(f))
+                rec = json.load(f)
         except (OSError, ValueError):
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("hessian_top_eigenvalues", []), list):
+            recs.append(rec)  # (a malformed record is left out)
     if not recs:
         return None
     def mean(get):

@@ -103,10 +103,11 @@ NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error"
 
 
 def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False):
-    """(saved Config, checkpoint) of run folder `run_dir`. The settings given now must agree with
-    the saved ones: the explicit ones (`--resume DIR --lr 0.1`), or with `whole` every setting
-    (a recipe's row: `--on_existing resume`). The process count must be the one that trained it,
-    and the folder's config.yaml must still say what ran."""
+    """(saved Config, checkpoint, message or None) of run folder `run_dir`; the message says why
+    there is nothing to do (the run finished; with `whole`, also: it diverged). The settings given
+    now must agree with the saved ones: the explicit ones (`--resume DIR --lr 0.1`), or with `whole`
+    every setting (a recipe's row: `--on_existing resume`). A run to continue must be continued by
+    the process count that trained it, and the folder's config.yaml must still say what ran."""
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isdir(run_dir):
         raise UsageError(f"resume: {run_dir!r} is not a run folder")
@@ -119,12 +120,20 @@ def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False)
                   if k not in RESUME_MAY_CHANGE | NAMING and getattr(saved, k) != getattr(cfg, k)]
         if differ:
             raise UsageError(f"{run_dir} holds a run with other settings ({'; '.join(differ)}), so it is not "
-                             f"this run's result; nothing was run into it: move it away, or continue it with "
-                             f"--resume {run_dir}")
-    for name in sorted(explicit - RESUME_MAY_CHANGE - (NAMING if whole else set())):
-        if getattr(saved, name) != getattr(cfg, name):
-            raise UsageError(f"resume: {run_dir} was run with {name}={getattr(saved, name)!r}, not "
-                             f"{getattr(cfg, name)!r}; drop that setting or start a new run")
+                             f"this run's result; nothing was run into it: move it away (or use another "
+                             f"--out_dir) to run these settings")
+    else:
+        for name in sorted(explicit - RESUME_MAY_CHANGE):
+            if getattr(saved, name) != getattr(cfg, name):
+                raise UsageError(f"resume: {run_dir} was run with {name}={getattr(saved, name)!r}, not "
+                                 f"{getattr(cfg, name)!r}; drop that setting or start a new run")
+    for name in RESUME_MAY_CHANGE & explicit:
+        setattr(saved, name, getattr(cfg, name))
+    saved.resume = run_dir
+    if ckpt["epoch"] == saved.epochs and "partial" not in ckpt and finished(run_dir):
+        return saved, ckpt, f"{run_dir} has finished all {saved.epochs} epochs; nothing to resume (its records are unchanged)"
+    if whole and finished(run_dir, "diverged"):
+        return saved, ckpt, f"{run_dir} diverged (see its summary.json); skipped, it would diverge again"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if ckpt.get("world_size", world) != world:
         n = ckpt["world_size"]
@@ -132,10 +141,7 @@ def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False)
         raise UsageError(f"resume: {run_dir} was trained by {n} process(es) and continues only with {n} "
                          f"(the global batch and RWP's mode depend on it): {how} --resume {run_dir}")
     _check_config_file(run_dir, saved)
-    for name in RESUME_MAY_CHANGE & explicit:
-        setattr(saved, name, getattr(cfg, name))
-    saved.resume = run_dir
-    return saved, ckpt
+    return saved, ckpt, None
 
 
 def _check_config_file(run_dir, saved: Config):
@@ -150,7 +156,9 @@ def _check_config_file(run_dir, saved: Config):
     if not isinstance(data, dict):
         return
     for k, v in data.items():
-        if k in FIELDS and k not in RESUME_MAY_CHANGE | {"resume"}:
+        if k in FIELDS and k not in RESUME_MAY_CHANGE | NAMING:
+            if v is None and getattr(saved, k) in ("", []):  # `key:` (empty) for '' or []
+                continue
             try:
                 same = _coerce(k, v) == getattr(saved, k)
             except UsageError:
@@ -199,10 +207,12 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
 
 def write_error(path: str, error: Exception, needed: int) -> str:
     """One line for a failed write of about `needed` bytes to `path` (disk full, quota, I/O error)."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0][:120]
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else "write failed"
     try:
         free = shutil.disk_usage(os.path.dirname(path) or ".").free
-        space = f"; it needs about {needed / 2**20:.1f} MB and {free / 2**20:.1f} MB are free there"
+        space = (f"; it needs about {needed / 2**20:.1f} MB and " if needed else "; ") + f"{free / 2**20:.1f} MB are free there"
+        if not isinstance(error, OSError) and free < needed:
+            reason = "no space left on device"
     except OSError:
         space = ""
     return f"cannot write {path} ({reason}){space}"

@@ -22,7 +22,9 @@ from runner.config import Config, UsageError
 
 LOCK = ".lock"
 _held = []          # open lock descriptors of this process (closed by the kernel at exit)
-_TMP = re.compile(r".+\.tmp[0-9]+")  # atomic_write's temporaries: NAME.tmp<PID>
+# atomic_write's temporaries of the records main.py writes: NAME.tmp<PID>
+_TMP = re.compile(r"(checkpoint\.pt|summary\.json|config\.yaml|metrics\.jsonl|command\.txt|git_commit\.txt)\.tmp[0-9]+")
+_RECORDS = {"config.yaml", "command.txt", "log.txt", "summary.json", "checkpoint.pt", "metrics.jsonl", LOCK}
 _NAME_MAX = 240     # bytes of a run name: 255 per path component, less room for -N / .failed-N
 
 
@@ -30,27 +32,48 @@ def default_name(cfg: Config) -> str:
     return cfg.name or f"{cfg.dataset}_{cfg.model}_{cfg.optimizer}_s{cfg.seed}"
 
 
+def looks_like_run(folder: str) -> bool:
+    """Whether a folder holds records of this runner (so it may be locked, resumed or set aside)."""
+    return bool(_RECORDS & set(os.listdir(folder)))
+
+
 def lock(run_dir: str):
     """Take the run folder's lock or raise UsageError naming the process that holds it. Then
-    remove temporaries that a killed writer left (only the lock holder writes, so all are stale)."""
+    remove temporaries that a killed writer left (only the lock holder writes, so all are stale).
+    A busy lock is tried again for a second (a recipe's probe holds it for milliseconds); on a file
+    system without locks (ENOLCK, EOPNOTSUPP: some Lustre/sshfs mounts) the run goes on, with a warning."""
     import fcntl
+    import sys
+    import time
     path = os.path.join(run_dir, LOCK)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UsageError(f"{run_dir}: cannot open its lock file ({e.strerror})") from None
+    for attempt in range(11):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                print(f"main.py: warning: {run_dir}: this file system has no file locks ({e.strerror}); "
+                      f"nothing stops a second process from writing this folder", file=sys.stderr)
+                break
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise UsageError(f"{run_dir}: cannot lock it ({e.strerror})") from None
+            if attempt == 10:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+                os.close(fd)
+                who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+                raise UsageError(f"{run_dir} is in use by {who}: one run folder has one writer; wait for it to "
+                                 f"finish or stop it, then --resume {run_dir}") from None
+            time.sleep(0.1)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UsageError(f"{run_dir}: cannot lock it ({e.strerror})") from None
-        who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
-        raise UsageError(f"{run_dir} is in use by {who}: one run folder has one writer; wait for it to "
-                         "finish or stop it, then --resume") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError as e:  # (a full disk: the lock holds all the same)
+        print(f"main.py: warning: {run_dir}: cannot write its lock file ({e.strerror})", file=sys.stderr)
     _held.append(fd)
     for name in os.listdir(run_dir):
         if _TMP.fullmatch(name):
@@ -90,6 +113,8 @@ def make_run_dir(cfg: Config, exact: bool = False) -> str:
         except FileExistsError:
             if exact:
                 lock(path)  # raises when a live run holds it (a recipe started twice)
+                if holds_only_lock(path):  # created by a process that lost the lock to us: ours now
+                    return path
                 raise UsageError(f"{path} appeared while this run started; run again to resume it") from None
             continue
         except OSError as e:

@@ -228,9 +228,14 @@ class Trainer:
             info = dataclasses.replace(info, num_classes=self.folder.num_classes, size=cfg.image_size)
             n_test = len(self.folder.val[1])
         else:
+            first = cfg.download and self.world > 1  # rank 0 downloads; the others then read its files
+            if first and self.rank != 0:
+                dist.barrier()
             xtr, ytr, self.data_source = data_utils.load_dataset(cfg.dataset, cfg.data_dir, True, cfg.download,
                                                                  cfg.train_size, cfg.seed, with_source=True)
             xte, yte = data_utils.load_dataset(cfg.dataset, cfg.data_dir, False, cfg.download, cfg.test_size, cfg.seed)
+            if first and self.rank == 0:
+                dist.barrier()
             n_test = len(xte)
             for name, asked, have in (("train_size", cfg.train_size, len(xtr)), ("test_size", cfg.test_size, n_test)):
                 if asked > have:

@@ -333,3 +333,9 @@ def test_a_smoke_test_of_a_recipe_is_never_taken_as_the_rows_result(tmp_path):
            f"model='wrn10_1' there, 'sam_wrn28_10' here;" in real.stderr, real.stderr
     assert (sorted(os.listdir(row)), (row / "checkpoint.pt").read_bytes()) == before
     assert "not comparable" in json.load(open(row / "summary.json"))["paper_ref"]
+
+
+def test_a_malformed_flatness_record_is_left_out(runs, tmp_path, capsys):
+    shutil.copytree(runs / "b" / "b_s0", tmp_path / "b_s0")
+    (tmp_path / "b_s0" / "flatness.json").write_text("[1, 2]")
+    assert report.main([str(tmp_path)]) == 0 and "λ_max" not in capsys.readouterr().out

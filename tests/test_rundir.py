@@ -159,7 +159,10 @@ def test_config_files_in_utf16_and_from_a_pipe_are_read(tmp_path):
 def test_an_edited_config_yaml_is_refused_on_resume(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main.main([*ONE, "--out_dir", str(out), "--name", "r"]) == 0
-    text = (out / "r" / "config.yaml").read_text()
+    ckpt = torch.load(out / "r" / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["epochs"] = 2  # (a run stopped after epoch 1 of 2)
+    torch.save(ckpt, out / "r" / "checkpoint.pt")
+    text = (out / "r" / "config.yaml").read_text().replace("epochs: 1", "epochs: 2")
     (out / "r" / "config.yaml").write_text(text.replace("lr: 0.1", "lr: 0.5"))
     capsys.readouterr()
     assert main.main(["--resume", str(out / "r")]) == 2
@@ -230,3 +233,32 @@ def test_command_txt_runs_again_as_written_and_a_long_name_is_blamed_on_the_name
     assert shlex.split((tmp_path / "with space's" / "command.txt").read_text()) == ["python", "main.py", *argv]
     assert main.main([*ONE, "--out_dir", str(tmp_path), "--name", "x" * 300]) == 2
     assert "name: 'xxxx" in capsys.readouterr().err
+
+
+def test_a_finished_row_is_skipped_whatever_else_changed(tmp_path, capsys):
+    """A finished row is never trained again or counted as failed: not when its checkpoint was
+    deleted to save space, run by another process count, or its config.yaml relabelled."""
+    row = [*ONE, "--out_dir", str(tmp_path), "--name", "row_s0", "--on_existing", "resume"]
+    assert main.main(row) == 0
+    config = tmp_path / "row_s0" / "config.yaml"
+    config.write_text(config.read_text().replace("paper_ref: ''", "paper_ref:"))  # the same, written another way
+    ckpt = torch.load(tmp_path / "row_s0" / "checkpoint.pt", weights_only=True)
+    ckpt["world_size"] = 2
+    torch.save(ckpt, tmp_path / "row_s0" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main.main(row) == 0 and "has finished all 1 epochs" in capsys.readouterr().out
+    os.remove(tmp_path / "row_s0" / "checkpoint.pt")
+    assert main.main(row) == 0 and "row_s0 has finished (summary.json); skipped" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["row_s0"]
+
+
+def test_folders_that_are_not_run_folders_are_left_alone(tmp_path, capsys):
+    mine = tmp_path / "proj"
+    mine.mkdir()
+    (mine / "backup.tmp1").write_text("keep")
+    (mine / "notes.txt").write_text("keep")
+    assert main.main(["--resume", str(mine)]) == 2
+    assert "has no checkpoint.pt" in capsys.readouterr().err
+    assert main.main([*ONE, "--out_dir", str(tmp_path), "--name", "proj", "--on_existing", "resume"]) == 2
+    assert "exists and is not a run folder" in capsys.readouterr().err
+    assert sorted(os.listdir(mine)) == ["backup.tmp1", "notes.txt"] and sorted(os.listdir(tmp_path)) == ["proj"]
