@@ -22,7 +22,8 @@ from runner.config import EXIT_RUNTIME, EXIT_USAGE, Config, UsageError, _parser,
 from runner import rundir
 from runner.progress import Progress, TensorBoardLog, require_tensorboard
 from runner.records import RunLog, finished, git_commit, resume_config, write_error, write_summary, write_text
-from runner.training import STOP, Diverged, SaveFailed, Trainer, init_distributed
+from runner.signals import STOP
+from runner.training import Diverged, SaveFailed, Trainer, init_distributed
 
 
 def _decide_folder(cfg: Config):

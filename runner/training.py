@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 
 from runner.config import Config, UsageError
 from runner.records import atomic_write, write_error
+from runner.signals import STOP
 
 
 class Diverged(Exception):
@@ -505,31 +505,3 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
-
-
-class _Stop:
-    """SIGINT/SIGTERM set `requested`: the loop stops after the current step (under torchrun at the
-    next point where the ranks agree) and saves where it is. A repeat within 2 s counts as the same
-    request (a cluster often signals every process and torchrun forwards the signal again); a later
-    one stops at once (KeyboardInterrupt; `hard` holds its number) unless the stop is already
-    agreed and being saved (`escalate` False)."""
-    requested = hard = 0
-    escalate = True
-    first_at = 0.0
-
-    def install(self):
-        self.requested = self.hard = 0
-        self.escalate = True
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if not self.requested:
-            self.requested, self.first_at = signum, now
-        elif self.escalate and now - self.first_at > 2.0:
-            self.hard = signum
-            raise KeyboardInterrupt
-
-
-STOP = _Stop()
