@@ -44,22 +44,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import amp_init_
+
 from .common import GlobalAvgPool
 
 
 def sam_init_(model):
     """google-research/sam sam_jax/models/utils.py: conv Kaiming normal (fan_out, gain 2), dense
-    U(±1/√num_outputs) with zero bias, BN 1/0."""
+    U(±1/√num_outputs) with zero bias, BN 1/0: the AMP families' init, but for the dense weights."""
+    amp_init_(model)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):
             bound = 1.0 / math.sqrt(m.out_features)
             nn.init.uniform_(m.weight, -bound, bound)
-            nn.init.zeros_(m.bias)
 
 
 class SameConv2d(nn.Conv2d):

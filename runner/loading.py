@@ -10,21 +10,9 @@ to be guessed. Nothing in the run folder is changed.
 """
 from __future__ import annotations
 
-import os
 
 from runner.config import Config, UsageError
-from runner.records import check_checkpoint, load_checkpoint
-
-
-def read_checkpoint(run_dir: str):
-    """(checkpoint dict, its Config) of run folder `run_dir`, or UsageError with one line."""
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"{run_dir!r} is not a run folder")
-    if not os.path.isfile(path):
-        raise UsageError(f"{run_dir!r} has no checkpoint.pt (the run saved nothing yet)")
-    ckpt = load_checkpoint(path)
-    return ckpt, check_checkpoint(ckpt, path)
+from runner.records import read_checkpoint  # noqa: F401  (also part of this module's API)
 
 
 def load_run(run_dir: str, device="cpu"):

@@ -102,19 +102,24 @@ def check_checkpoint(ckpt, path) -> Config:
 NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error", "paper_spread"}
 
 
+def read_checkpoint(run_dir: str, prefix: str = "", missing: str = " (the run saved nothing yet)"):
+    """(checkpoint dict, its Config) of run folder `run_dir`, checked; else UsageError, one line."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{prefix}{run_dir!r} is not a run folder")
+    if not os.path.isfile(path):
+        raise UsageError(f"{prefix}{run_dir!r} has no checkpoint.pt{missing}")
+    ckpt = load_checkpoint(path)
+    return ckpt, check_checkpoint(ckpt, path)
+
+
 def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False):
     """(saved Config, checkpoint, message or None) of run folder `run_dir`; the message says why
     there is nothing to do (the run finished; with `whole`, also: it diverged). The settings given
     now must agree with the saved ones: the explicit ones (`--resume DIR --lr 0.1`), or with `whole`
     every setting (a recipe's row: `--on_existing resume`). A run to continue must be continued by
     the process count that trained it, and the folder's config.yaml must still say what ran."""
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"resume: {run_dir!r} is not a run folder")
-    if not os.path.isfile(ckpt_path):
-        raise UsageError(f"resume: {run_dir!r} has no checkpoint.pt (nothing to resume; start a new run)")
-    ckpt = load_checkpoint(ckpt_path)
-    saved = check_checkpoint(ckpt, ckpt_path)
+    ckpt, saved = read_checkpoint(run_dir, "resume: ", " (nothing to resume; start a new run)")
     if whole:
         differ = [f"{k}={getattr(saved, k)!r} there, {getattr(cfg, k)!r} here" for k in FIELDS
                   if k not in RESUME_MAY_CHANGE | NAMING and getattr(saved, k) != getattr(cfg, k)]

@@ -55,6 +55,8 @@ def test_without_terminal_progress_lines_and_the_data_folder_read(tmp_path, caps
     the interval (here: every step) with step, running loss, images/s and ETA; the Debian folder,
     read when data_dir does not exist, is named in the first line and in summary.json."""
     if not os.path.isdir(FASHION_DIR):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install the Debian package dataset-fashion-mnist ({FASHION_DIR})")
         pytest.skip("needs the Debian package dataset-fashion-mnist (CI installs it)")
     args = [a for a in TINY if a not in ("--data_dir", FASHION_DIR)]
     monkeypatch.chdir(tmp_path)  # no ./data: Fashion-MNIST falls back to the Debian folder
