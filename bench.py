@@ -696,6 +696,51 @@ def _official_datasets(root, size):
     return train, val
 
 
+def _decode_stages(files, size, repeats):
+    """Where a training image's time goes, ms per image (best of `repeats` passes over `files`): the
+    full JPEG decode (Pillow); the decode at 1/8 DCT scale, which still entropy-decodes the whole file
+    (so: the floor of any decoder that reads the file); the crop + resize of ours (torch's uint8
+    antialiased kernel) and of the official transform (torchvision resized_crop on a PIL image)."""
+    import random
+    import numpy as np
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+    import data_folder
+    decoded = []
+    for f in files:
+        with Image.open(f) as im:
+            decoded.append(im.convert("RGB"))
+    boxes = [data_folder.crop_params(im.size[1], im.size[0], random.Random(i)) for i, im in enumerate(decoded)]
+    arrays = [np.asarray(im) for im in decoded]
+
+    def decode(scale):
+        for f in files:
+            with Image.open(f) as im:
+                if scale > 1:
+                    im.draft(im.mode, (im.size[0] // scale, im.size[1] // scale))
+                im.load()
+
+    def ours():
+        for a, (top, left, h, w) in zip(arrays, boxes):
+            data_folder._resize(a[top:top + h, left:left + w].copy(), size, size)
+
+    def official():
+        for im, (top, left, h, w) in zip(decoded, boxes):
+            TF.resized_crop(im, top, left, h, w, [size, size])
+
+    stages = {"decode_full": lambda: decode(1), "decode_at_one_eighth": lambda: decode(8),
+              "crop_resize_ours": ours, "crop_resize_official": official}
+    best = {}
+    for name, fn in stages.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        best[name] = round(min(times) / len(files) * 1e3, 4)
+    return best
+
+
 def bench_imagenet_pipeline(argv):
     """Per-core rates (one process, one thread, no DataLoader: the work one worker does per batch) of
     ours (decode + crop + resize to uint8 batches; flip and normalisation run on the device) and the
@@ -770,13 +815,14 @@ def bench_imagenet_pipeline(argv):
                         rates[name].append(count / (time.perf_counter() - t0))
                 results[f"{label}/{split}"] = {k: statistics.median(v) for k, v in rates.items()} | {
                     "all": rates, "speedup": statistics.median(a / b for a, b in zip(rates["ours"], rates["official"]))}
+        stages = _decode_stages(files, size, args.repeats)
         report = dict(bench="bench.py imagenet_pipeline", date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       command=" ".join(["python", "bench.py", "imagenet_pipeline", *argv]),
                       device=_device_name(torch.device("cpu")), cpus=os.cpu_count(), torch=torch.__version__,
                       pillow=__import__("PIL").__version__, images=n, mean_file_kb=round(mean_kb, 1),
                       image=f"{args.width}x{args.height} q{args.quality}" if args.data_dir is None else args.data_dir,
                       image_size=size, batch_size=bs, repeats=args.repeats, loadavg_start=load_start,
-                      loadavg_end=list(os.getloadavg()), results=results)
+                      loadavg_end=list(os.getloadavg()), results=results, stages_ms=stages)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -789,6 +835,8 @@ def bench_imagenet_pipeline(argv):
         lines.append(f"| {label.replace('_', ' ')} | {split} | {r['ours']:.0f} | {r['official']:.0f} | {r['speedup']:.2f} |")
     lines.append(f"(median of {args.repeats} interleaved rounds; in process = one core, one thread; "
                  "ours / official = median of the per-round ratios)")
+    lines.append("per training image, ms (best of the rounds): " + ", ".join(
+        f"{k.replace('_', ' ').replace('one eighth', '1/8 DCT scale')} {v:.3f}" for k, v in stages.items()))
     print("\n".join(lines), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -6,26 +6,29 @@ Nothing is held in memory but the file names (one NumPy byte-string array).
 
 Training batches (`FolderTrainLoader`, the interface of data_utils.TrainLoader: set_epoch, __len__,
 __iter__ / iter_from yielding normalised device batches): DataLoader worker processes each build a whole
-batch — decode, RandomResizedCrop, resize — and send it as uint8 (B, H, W, 3); the batch is pinned
+batch — decode, RandomResizedCrop, resize — and send it as uint8 (B, 3, H, W); the batch is pinned
 (CUDA), copied with non_blocking, flipped and normalised on the device. Sample i of an epoch draws its
 crop and flip from its own seed, a function of (seed, epoch, stream, shard, i) (data_utils._sample_seed),
 so results do not depend on the worker count, and a mid-epoch resume starts at any batch without
 decoding the ones before it.
 
 RandomResizedCrop is torchvision's (scale (0.08, 1), ratio (3/4, 4/3), ten tries, then the centre crop of
-the clamped ratio): the crop box (i, j, h, w) from the image size in the file header, then one
-antialiased bilinear resize of that box to S×S (PIL's resize with `box`). JPEGs are decoded at reduced
-DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the box still has at least S pixels a side there,
-i.e. the decode never goes below the resolution the resize keeps. Grayscale, CMYK and palette images,
-and PNGs named .JPEG (all in ImageNet), are converted to RGB as torchvision's ImageFolder loader does.
+the clamped ratio): the crop box (i, j, h, w) from the image size in the file header, the box cut out
+and resized to S×S by torch's antialiased bilinear uint8 kernel — torchvision's resized_crop on PIL
+images up to rounding (±1), about 4× faster than PIL's resize. JPEGs are decoded at reduced DCT size
+(PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the box still has at least S pixels a side there, i.e. the
+decode never goes below the resolution the resize keeps. Grayscale, CMYK and palette images, and PNGs
+named .JPEG (all in ImageNet), are converted to RGB as torchvision's ImageFolder loader does.
 
-Validation (`FolderData.test_batches`): resize the shorter side to R = round(S·256/224), centre-crop
-S×S (torchvision Resize(R) + CenterCrop(S), done as one resize of the matching box), streamed in
-batches, rank r of W taking samples r, r+W, ...: every sample counted once.
+Validation (`FolderData.test_batches`): torchvision Resize(R) + CenterCrop(S), R = round(S·256/224)
+(the same kernel, up to rounding), streamed in batches, rank r of W taking samples r, r+W, ...: every
+sample counted once.
 
-An unreadable image (corrupt, truncated, not an image) is reported with its path on stderr and
-replaced by the next readable sample in file order (same seed: deterministic); the epoch's metrics row
-counts the replacements (`bad_images`).
+An unreadable image (corrupt, truncated, not an image) is reported with its path on stderr. In
+training it is replaced by the next readable sample in file order (same seed: deterministic) and the
+epoch's metrics row counts the replacements (`bad_images`); in validation it is left out (the errors
+are over the images read; a replacement would count another image twice) and counted
+(`bad_test_images`). MAX_REPLACEMENTS (16) unreadable files in a row stop the run with an error.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 MAX_REPLACEMENTS = 16  # consecutive unreadable files before the run stops with an error
+FATAL = "fatal"  # a bad-file record's third field that stops the run (its error field is the message)
 
 
 def _list_split(root: str, split: str):
@@ -117,14 +121,18 @@ class FolderData:
         return len(self.classes)
 
     def test_batches(self, batch_size, image_size, augment, *, device, shard=0, num_shards=1, workers=0):
-        """Normalised validation batches of this rank's samples (shard, shard + num_shards, ...)."""
+        """Normalised validation batches of this rank's samples (shard, shard + num_shards, ...);
+        unreadable images are left out and counted in self.bad_test_images (this rank, this pass)."""
         folder, paths, labels = self.val
         mine = np.arange(shard, len(paths), num_shards)
         batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
         ds = _Batches(folder, paths, labels, batches, image_size, train=False)
+        self.bad_test_images = 0
         for x, y, _flip, bad in _loader(ds, range(len(batches)), workers, device):
             _report(bad)
-            yield augment.normalize(_to_nchw(x, device)), y.to(device, non_blocking=True)
+            self.bad_test_images += len(bad)
+            if len(y):
+                yield augment.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
 
 class FolderTrainLoader:
@@ -165,23 +173,23 @@ class FolderTrainLoader:
         ds = _Batches(self.folder, self.paths, self.labels, batches, self.image_size, train=self.random_crop,
                       base=base, flip=self.flip)
         for x, y, flip, bad in _loader(ds, range(start, self.num_batches), self.workers, self.device):
-            self.bad_images += len(bad)
             _report(bad)
-            x = _to_nchw(x, self.device)
+            self.bad_images += len(bad)
+            x = x.to(self.device, non_blocking=True)
             if self.flip:
                 flip = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
                 x = torch.where(flip, x.flip(3), x)
             yield self.augment.normalize(x), y.to(self.device, non_blocking=True)
 
 
-def _to_nchw(x, device):
-    """uint8 (B, H, W, 3) → (B, 3, H, W) on the device (a view: channels-last memory)."""
-    return x.to(device, non_blocking=True).permute(0, 3, 1, 2)
-
-
 def _report(bad):
+    """Print the unreadable files of a batch; a FATAL record raises DataError (here, in the main
+    process: raised in a DataLoader worker it would arrive wrapped in the worker's traceback)."""
     for path, error, other in bad:
-        print(f"data: unreadable image {path} ({error}); replaced by {other}", file=sys.stderr, flush=True)
+        if other == FATAL:
+            raise DataError(error)
+        print(f"data: unreadable image {path} ({error}); " + (f"replaced by {other}" if other else "left out"),
+              file=sys.stderr, flush=True)
 
 
 def _loader(ds, order, workers, device):
@@ -198,7 +206,9 @@ def _loader(ds, order, workers, device):
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Batch b → (uint8 (B, S, S, 3), labels, flips, [(bad path, error, replacement path)])."""
+    """Batch b → (uint8 (B, 3, S, S), labels, flips, [(bad path, error, replacement path or None)]).
+    Training (train or flip) replaces an unreadable file by the next readable one; validation leaves
+    it out (B is then smaller)."""
 
     def __init__(self, folder, paths, labels, batches, size, *, train, base=0, flip=False):
         self.folder, self.paths, self.labels, self.batches = folder, paths, labels, batches
@@ -207,31 +217,43 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.batches)
 
+    def _path(self, j):
+        return os.path.join(self.folder, self.paths[j % len(self.paths)].decode())
+
     def __getitem__(self, b):
         idx = self.batches[b]
         s = self.size
-        x = np.empty((len(idx), s, s, 3), dtype=np.uint8)
+        x = np.empty((len(idx), 3, s, s), dtype=np.uint8)
         y = np.empty(len(idx), dtype=np.int64)
         flips = np.zeros(len(idx), dtype=bool)
-        bad = []
+        keep = np.ones(len(idx), dtype=bool)
+        replace = self.train or self.flip
+        bad, in_a_row = [], 0
         for k, i in enumerate(idx):
-            rng = random.Random(_sample_seed(self.base, int(i))) if self.train or self.flip else None
-            for attempt in range(MAX_REPLACEMENTS):
+            rng = random.Random(_sample_seed(self.base, int(i))) if replace else None
+            for attempt in range(MAX_REPLACEMENTS if replace else 1):
                 j = (int(i) + attempt) % len(self.paths)
-                path = os.path.join(self.folder, self.paths[j].decode())
                 try:
-                    x[k] = load_train(path, s, rng) if self.train else load_val(path, s)
+                    x[k] = load_train(self._path(j), s, rng) if self.train else load_val(self._path(j), s)
+                    in_a_row = 0
                     break
                 except Exception as e:  # noqa: BLE001 (any decoder error: corrupt, truncated, not an image)
-                    nxt = os.path.join(self.folder, self.paths[(j + 1) % len(self.paths)].decode())
-                    bad.append((path, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", nxt))
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    bad.append((self._path(j), error, self._path(j + 1) if replace else None))
+                    in_a_row += 1
                     if rng is not None:  # the replacement draws what the bad file would have drawn
                         rng = random.Random(_sample_seed(self.base, int(i)))
             else:
-                raise DataError(f"imagenet: {MAX_REPLACEMENTS} unreadable images in a row from "
-                                f"{os.path.join(self.folder, self.paths[int(i)].decode())}; is the data folder damaged?")
+                if replace or in_a_row >= MAX_REPLACEMENTS:  # (raised in the main process: see _checked)
+                    bad.append((self._path(int(i)), f"imagenet: {MAX_REPLACEMENTS} unreadable images in a "
+                                f"row from {self._path(int(i))}; is the data folder damaged?", FATAL))
+                    break
+                keep[k] = False
+                continue
             y[k] = self.labels[j]
             flips[k] = self.flip and rng.random() < 0.5
+        if not keep.all():
+            x, y, flips = x[keep], y[keep], flips[keep]
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(flips), bad
 
 
@@ -262,38 +284,58 @@ def _open(path):
     return Image.open(path)
 
 
-def _resize_box(im, box, size, full):
-    """Resize the box (left, top, right, bottom, in `full`-size pixels) of `im` to size×size RGB,
-    decoding a JPEG at the smallest DCT scale that keeps ≥ size pixels across the box."""
-    from PIL import Image
-    width, height = full
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    if im.format == "JPEG" and min(bw, bh) >= 2 * size:
-        im.draft("RGB", (math.ceil(width * size / bw), math.ceil(height * size / bh)))
-    fx, fy = im.size[0] / width, im.size[1] / height
+def _pixels(im, want, *, writable=False):
+    """The image's pixels as an RGB uint8 array (H', W', 3), and (H'/H, W'/W): a JPEG is decoded at the
+    smallest DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) that keeps at least `want` = (w, h) pixels
+    across the full image; anything else at full size. Grayscale, CMYK and palette images become RGB
+    as in torchvision's loader (PIL convert("RGB"))."""
+    width, height = im.size
+    if im.format == "JPEG" and 2 * want[0] <= width and 2 * want[1] <= height:
+        im.draft("RGB", want)
     if im.mode != "RGB":
         im = im.convert("RGB")
-    out = im.resize((size, size), Image.BILINEAR, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
-    return np.asarray(out)
+    a = np.array(im) if writable else np.asarray(im)
+    return a, (a.shape[0] / height, a.shape[1] / width)
+
+
+def _resize(a, h, w):
+    """uint8 (H, W, 3) → (3, h, w): torch's antialiased bilinear resize, which equals PIL's BILINEAR
+    resize (torchvision's on PIL images) up to rounding (±1), on torch's uint8 channels-last kernel
+    (its output is contiguous (3, h, w): the batch's layout, copied into it without a transpose)."""
+    if (a.shape[0], a.shape[1]) == (h, w):
+        return a.transpose(2, 0, 1)
+    x = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) in channels-last memory
+    y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].numpy()
 
 
 def load_train(path, size, rng):
-    """RandomResizedCrop(size) of the image at `path` (the draws from `rng`), uint8 (size, size, 3)."""
+    """RandomResizedCrop(size) of the image at `path` (the draws from `rng`), uint8 (3, size, size):
+    the crop box cut out, then resized, as torchvision's resized_crop does (the box's edge pixels see
+    nothing outside it). When a reduced DCT size still has ≥ size pixels across the box, the box is
+    cut from that decode (its edges rounded to the reduced grid)."""
     with _open(path) as im:
         width, height = im.size
         top, left, h, w = crop_params(height, width, rng)
-        return _resize_box(im, (left, top, left + w, top + h), size, (width, height))
+        a, (fy, fx) = _pixels(im, (math.ceil(width * size / w), math.ceil(height * size / h)))
+        if (fy, fx) != (1.0, 1.0):
+            top, left, bottom, right = round(top * fy), round(left * fx), round((top + h) * fy), round((left + w) * fx)
+            top, left, h, w = top, left, bottom - top, right - left
+        crop = a[top:top + h, left:left + w].copy()  # dense (the resize kernel's fast path), writable
+        return _resize(crop, size, size)
 
 
 def load_val(path, size):
-    """Resize(round(size·256/224)) + CenterCrop(size) of the image at `path`, uint8 (size, size, 3)."""
+    """Resize(round(size·256/224)) + CenterCrop(size) of the image at `path`, uint8 (3, size, size),
+    as torchvision does them: the whole image resized (shorter side r, longer int(r·long/short)), then
+    the centre cut out."""
     with _open(path) as im:
         width, height = im.size
         r = round(size * 256 / 224)
         short, long_ = (width, height) if width <= height else (height, width)  # torchvision Resize(r):
         new_long = int(r * long_ / short)  # shorter side r, longer int(r·long/short)
         nw, nh = (r, new_long) if width <= height else (new_long, r)
+        a, _ = _pixels(im, (nw, nh), writable=True)
+        out = _resize(a, nh, nw)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))  # CenterCrop's offsets
-        fx, fy = nw / width, nh / height
-        box = (left / fx, top / fy, (left + size) / fx, (top + size) / fy)
-        return _resize_box(im, box, size, (width, height))
+        return out[:, top:top + size, left:left + size]

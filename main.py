@@ -137,6 +137,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
         log.line("note: fp16 on a CPU is slow where the CPU has no fp16 convolutions (a wrn10_1 step at batch 50 took 12 s "
                  "instead of 0.07 s on our 2-core machine); bf16 is the fast low-precision mode on CPUs")
     STOP.install()
+    from data_utils import DataError  # (torch is loaded by now)
     status, message, code = "completed", "", 0
     train_time = sum(r["epoch_time_s"] for r in trainer.history)
     images_total = sum(r.get("images", 0) for r in trainer.history)
@@ -182,6 +183,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
                    "epoch_time_s": round(epoch_time, 3), "images": images}
             if bad_images is not None:  # folder data: unreadable images replaced this epoch
                 row["bad_images"] = bad_images
+                if test_error is not None:  # ... and left out of this evaluation
+                    row["bad_test_images"] = trainer.bad_test_images
             if trainer.scaler is not None:  # fp16: steps skipped for overflow, the loss scale now
                 row.update(skipped_steps=trainer.scaler.pop_skipped(), loss_scale=trainer.scaler.scale.item())
             trainer.history.append(row)
@@ -207,6 +210,9 @@ def train(cfg: Config, explicit: set, argv) -> int:
             message = f"stopped by signal {signum}; saved after {saved_at()}; resume with --resume {run_dir}"
     except Diverged as e:
         status, message, code = "diverged", f"{e}; last good checkpoint: {saved_at()}", EXIT_RUNTIME
+    except DataError as e:  # the data went bad mid-run (a run of unreadable files): stop, keep the checkpoint
+        status, code = "failed", EXIT_RUNTIME
+        message = f"{e}; last checkpoint: {saved_at()}; mend the data, then --resume {run_dir}"
     except SaveFailed as e:  # disk full or failing: stop here, the last checkpoint stays as it was
         status, code = "failed", EXIT_RUNTIME
         message = f"{e}; the last checkpoint ({saved_at()}) is intact: make room, then --resume {run_dir}"

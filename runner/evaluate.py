@@ -16,7 +16,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def evaluate_run(run_dir: str, device: str = "auto"):
-    """(cfg, checkpoint, test loss, test error %, test images) of the last checkpoint in `run_dir`."""
+    """(cfg, checkpoint, test loss, test error %, test images read, unreadable test images left out)
+    of the last checkpoint in `run_dir`."""
     import dataclasses
     import data_utils
     from runner.loading import load_data, load_run_checkpoint
@@ -40,7 +41,10 @@ def evaluate_run(run_dir: str, device: str = "auto"):
     run_cfg = dataclasses.replace(cfg, device=device)
     totals = test_totals(model, batches, dev, cfg.channels_last, autocast_for(run_cfg, dev), info.num_classes)
     loss, wrong, n, wrong5 = totals.tolist()
-    return cfg, ckpt, loss / n, 100.0 * wrong / n, int(n)
+    bad = folder.bad_test_images if cfg.dataset == "imagenet" else 0  # unreadable, left out
+    if n == 0:
+        raise data_utils.DataError(f"{cfg.dataset}: no readable test image ({bad} unreadable)")
+    return cfg, ckpt, loss / n, 100.0 * wrong / n, int(n), bad
 
 
 def evaluate_command(argv) -> int:
@@ -48,9 +52,10 @@ def evaluate_command(argv) -> int:
     p.add_argument("--evaluate", metavar="RUN_DIR", required=True)
     p.add_argument("--device", choices=CHOICES["device"], default="auto")
     args = p.parse_args(argv)
-    cfg, ckpt, loss, error, n = evaluate_run(args.evaluate, args.device)
+    cfg, ckpt, loss, error, n, bad = evaluate_run(args.evaluate, args.device)
     steps = ckpt.get("partial", {}).get("step", 0)
     at = f"epoch {ckpt['epoch']}/{cfg.epochs}" + (f" + {steps} step(s)" if steps else "")
-    print(f"{args.evaluate} (checkpoint after {at}): {cfg.dataset} test set ({n} images): "
+    print(f"{args.evaluate} (checkpoint after {at}): {cfg.dataset} test set ({n} images"
+          + (f"; {bad} unreadable, left out" if bad else "") + "): "
           f"test loss {loss:.4f} err {error:.2f}%")
     return 0

@@ -460,7 +460,8 @@ class Trainer:
 
     def evaluate(self):
         """(test loss, top-1 error %, top-5 error %) of the model at θ on the whole test set, each
-        sample counted once (rank r of W takes samples r, r + W, ...)."""
+        sample counted once (rank r of W takes samples r, r + W, ...); folder data: unreadable images
+        are left out and counted in self.bad_test_images."""
         import data_utils
         if self.world > 1:  # every rank evaluates rank 0's BN statistics
             import torch.distributed as dist
@@ -475,10 +476,15 @@ class Trainer:
             batches = data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
                                               device=self.device, shard=self.rank, num_shards=self.world)
         totals = test_totals(self.net, batches, self.device, self.cfg.channels_last, self.autocast, self.info.num_classes)
+        if self.folder is not None:  # unreadable validation images (left out), summed over the ranks too
+            totals = self.torch.cat([totals, totals.new_tensor([self.folder.bad_test_images])])
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)
-        loss, wrong, n, wrong5 = totals.tolist()
+        loss, wrong, n, wrong5, *bad = totals.tolist()
+        self.bad_test_images = int(bad[0]) if bad else None
+        if n == 0:
+            raise data_utils.DataError(f"{self.cfg.dataset}: no readable test image ({int(bad[0])} unreadable)")
         return loss / n, 100.0 * wrong / n, 100.0 * wrong5 / n
 
     def bad_images(self):

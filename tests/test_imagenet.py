@@ -48,31 +48,36 @@ def metrics(run_dir):
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def _smooth_jpeg(path, w=500, h=375):
+def _photo_jpeg(path, w=500, h=375):
+    """A JPEG with fine detail (noise) up to the crop edges, where a resize that reads pixels outside
+    the crop box shows."""
     from PIL import Image
     y, x = np.mgrid[0:h, 0:w]
     img = np.stack([(np.sin(x / 17) + np.cos(y / 23)) * 60 + 128, (x / 2) % 256, (y * 0.6) % 256], -1)
+    img += np.random.default_rng(0).normal(0, 25, img.shape)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
     return path
 
 
 def test_decode_matches_torchvision_transforms(tmp_path):
-    """Validation = Resize(S·256/224) + CenterCrop(S); training = resized_crop of our crop box. Equal up
-    to rounding where the JPEG is decoded at full size (S 224), close where at reduced DCT size (S 32)."""
+    """Validation = Resize(S·256/224) + CenterCrop(S); training = resized_crop of our crop box: equal up
+    to rounding (±1) where the JPEG is decoded at full size (S 224), close where at reduced DCT size (S 32)."""
     from PIL import Image
     import torchvision.transforms as T
     import torchvision.transforms.functional as TF
-    path = _smooth_jpeg(str(tmp_path / "a.jpg"))
-    for size, tol in ((224, 0.05), (32, 3.0)):
-        ours = data_folder.load_val(path, size).astype(float)
-        ref = np.asarray(T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])(
-            Image.open(path).convert("RGB"))).astype(float)
-        assert ours.shape == (size, size, 3) and np.abs(ours - ref).mean() < tol
-        for seed in range(3):
+    path = _photo_jpeg(str(tmp_path / "a.jpg"))
+    full = Image.open(path).convert("RGB")
+    for size, max_diff, mean_diff in ((224, 1, 0.5), (32, 255, 4.0)):
+        ours = data_folder.load_val(path, size).transpose(1, 2, 0).astype(float)
+        ref = np.asarray(T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])(full)).astype(float)
+        assert ours.shape == (size, size, 3)
+        assert np.abs(ours - ref).max() <= max_diff and np.abs(ours - ref).mean() < mean_diff
+        for seed in range(5):
             top, left, h, w = data_folder.crop_params(375, 500, random.Random(seed))
-            ours = data_folder.load_train(path, size, random.Random(seed)).astype(float)
-            ref = np.asarray(TF.resized_crop(Image.open(path).convert("RGB"), top, left, h, w, [size, size]))
-            assert np.abs(ours - ref).mean() < tol
+            ours = data_folder.load_train(path, size, random.Random(seed)).transpose(1, 2, 0).astype(float)
+            ref = np.asarray(TF.resized_crop(full, top, left, h, w, [size, size])).astype(float)
+            assert ours.shape == (size, size, 3)
+            assert np.abs(ours - ref).max() <= max_diff and np.abs(ours - ref).mean() < mean_diff, (size, seed)
 
 
 def test_grayscale_cmyk_and_png_named_jpeg_decode_to_rgb(data):
@@ -84,7 +89,7 @@ def test_grayscale_cmyk_and_png_named_jpeg_decode_to_rgb(data):
         with Image.open(path) as im:
             assert im.mode in ("L", "CMYK", "RGB") and (im.format == "PNG") == path.endswith("val_2_0.JPEG")
             ref = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR, box=(0, 0) + im.size))
-        ours = data_folder.load_val(path, 32)
+        ours = data_folder.load_val(path, 32).transpose(1, 2, 0)
         assert ours.shape == (32, 32, 3) and ours.dtype == np.uint8
         # the same colours (centre crop vs the whole image: compare channel means loosely)
         assert np.abs(ours.reshape(-1, 3).mean(0) - ref.reshape(-1, 3).mean(0)).max() < 25, path
@@ -149,19 +154,29 @@ def test_folder_errors_are_one_line(data, tmp_path, capsys):
 # ----------------------------------------------------------------------------- runs
 
 def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsys):
-    """torchvision's ResNet-18 on the folder (classes from train/), workers > 0; one corrupt JPEG is
-    reported by path, replaced, and counted in every epoch's row."""
+    """torchvision's ResNet-18 on the folder (classes from train/), workers > 0; a corrupt training
+    JPEG is reported by path, replaced, and counted in every epoch's row; a corrupt validation JPEG is
+    reported, left out of the test errors (8 of 9 images), and counted."""
     corrupt = tmp_path / "data"
     shutil.copytree(data, corrupt)
     broken = corrupt / "train" / "n00000002" / "train_2_3.JPEG"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    broken_val = corrupt / "val" / "n00000001" / "val_1_2.JPEG"
+    broken_val.write_bytes(open(broken_val, "rb").read()[:100])  # truncated
     code, run_dir = run(tmp_path, *SMALL, "--data_dir", str(corrupt), "--model", "tv_resnet18", "--epochs", "2",
                         "--workers", "2", "--optimizer", "sgd")
     assert code == 0
     err = capsys.readouterr().err
     assert f"unreadable image {broken}" in err and "replaced by" in err
+    assert f"unreadable image {broken_val}" in err and "left out" in err
     r = rows(run_dir)
-    assert [x["bad_images"] for x in r] == [1, 1]
+    assert [x["bad_images"] for x in r] == [1, 1] and [x["bad_test_images"] for x in r] == [1, 1]
+    for x in r:  # errors over the 8 readable validation images
+        assert abs(x["test_error"] * 8 / 100 - round(x["test_error"] * 8 / 100)) < 1e-9
+    capsys.readouterr()
+    assert main.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(8 images; 1 unreadable, left out)" in out and f"err {r[-1]['test_error']:.2f}%" in out
     assert all(x["test_error_top5"] is not None and 0 <= x["test_error_top5"] <= x["test_error"] for x in r)
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["final_test_error_top5"] == r[-1]["test_error_top5"] and summary["best_test_error_top5"] is not None
@@ -183,6 +198,41 @@ def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsy
     assert "| final top-5 error % |" in table and f"| {r[-1]['test_error_top5']:.2f} ± – |" in table
     assert report.main([str(tmp_path / "old")]) == 0
     assert "| – |" in capsys.readouterr().out.split("\n")[2]
+
+
+def test_unreadable_files_in_a_row_fail_the_run_with_the_checkpoint_kept(data, tmp_path, monkeypatch, capsys):
+    """A run of unreadable files mid-run (a damaged data folder): one line, summary.json "failed",
+    exit 1, the last checkpoint intact; mended, --resume finishes the run."""
+    damaged = tmp_path / "data"
+    shutil.copytree(data, damaged)
+    monkeypatch.setattr(data_folder, "MAX_REPLACEMENTS", 2)
+    args = [*SMALL, "--data_dir", str(damaged), "--epochs", "2", "--optimizer", "sgd", "--eval_batch_size", "9"]
+    assert run(tmp_path, *args)[0] == 0  # the whole run, for comparison
+    files = sorted((damaged / "val" / "n00000000").iterdir())
+    saved = [f.read_bytes() for f in files]
+
+    # the damage appears after epoch 1: every validation image of a class unreadable (3 in a row)
+    real, calls = data_folder.FolderData.test_batches, []
+
+    def damage_on_second_call(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            for f in files:
+                f.write_bytes(b"garbage")
+        return real(self, *a, **k)
+    monkeypatch.setattr(data_folder.FolderData, "test_batches", damage_on_second_call)
+    code, run_dir = run(tmp_path, *args, name="d")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "2 unreadable images in a row" in err and f"--resume {run_dir}" in err and "Traceback" not in err
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["status"] == "failed" and "unreadable" in summary["message"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    for f, b in zip(files, saved):
+        f.write_bytes(b)
+    monkeypatch.setattr(data_folder.FolderData, "test_batches", real)
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert metrics(run_dir) == metrics(tmp_path / "runs" / "r")
 
 
 def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
@@ -299,7 +349,10 @@ def test_bench_imagenet_pipeline_quick(tmp_path, capsys):
     assert report["images"] == 4 and set(report["results"]) == {
         "in_process/train", "in_process/val", "dataloader_1_worker/train", "dataloader_1_worker/val"}
     assert all(r["ours"] > 0 and r["official"] > 0 for r in report["results"].values())
-    assert "| in process | train |" in capsys.readouterr().out
+    assert set(report["stages_ms"]) == {"decode_full", "decode_at_one_eighth", "crop_resize_ours",
+                                        "crop_resize_official"} and min(report["stages_ms"].values()) > 0
+    out = capsys.readouterr().out
+    assert "| in process | train |" in out and "decode at 1/8 DCT scale" in out
     assert bench.main_cli(["imagenet_pipeline", "--quality", "0"]) == 2
 
 

@@ -115,7 +115,7 @@ def test_evaluate_prints_the_last_test_error_and_writes_nothing(tmp_path, capsys
     out = capsys.readouterr().out
     assert out == (f"{run_dir} (checkpoint after epoch 2/2): fashionmnist test set (128 images): "
                    f"test loss {rows[-1]['test_loss']:.4f} err {rows[-1]['test_error']:.2f}%\n")
-    _, _, loss, error, n = evaluate_run(str(run_dir), "cpu")
+    _, _, loss, error, n, _ = evaluate_run(str(run_dir), "cpu")
     assert (loss, error, n) == (rows[-1]["test_loss"], rows[-1]["test_error"], 128)  # bit for bit
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
