@@ -98,7 +98,10 @@ def write_start_records(cfg: Config, run_dir, argv, trainer, world, new):
     write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in trainer.history))
 
 
-def train(cfg: Config, explicit: set, argv) -> int:
+def start_run(cfg: Config, explicit: set, argv):
+    """Settle the run folder (new, resumed, or nothing to do), build the Trainer (bad values and data
+    are refused before any folder exists), write the start records and the first log line:
+    (cfg, trainer, run_dir, log), or the exit code when there is nothing to train."""
     import torch
     if cfg.tensorboard:
         require_tensorboard()
@@ -113,7 +116,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
             torch.distributed.destroy_process_group()
         return 0
     check_launch(cfg, explicit)
-    trainer = Trainer(cfg, run_dir or "", ckpt)  # bad values and data are refused before any folder exists
+    trainer = Trainer(cfg, run_dir or "", ckpt)
     if run_dir is None:  # rank 0 creates the folder, everyone learns its name
         run_dir = rundir.make_run_dir(cfg, exact=cfg.on_existing == "resume") if rank0 else None
         if world > 1:
@@ -136,6 +139,49 @@ def train(cfg: Config, explicit: set, argv) -> int:
     if cfg.precision == "fp16" and trainer.device.type == "cpu":
         log.line("note: fp16 on a CPU is slow where the CPU has no fp16 convolutions (a wrn10_1 step at batch 50 took 12 s "
                  "instead of 0.07 s on our 2-core machine); bf16 is the fast low-precision mode on CPUs")
+    return cfg, trainer, run_dir, log
+
+
+def epoch_row(trainer, cfg: Config, epoch: int, result, lr: float, epoch_time: float) -> dict:
+    """The metrics.jsonl row of a finished epoch (0-based `epoch`; `result` = train loss, error,
+    images), evaluating the model first on evaluation epochs (every eval_every-th and the last)."""
+    train_loss, train_error, images = result
+    test_loss = test_error = test_error5 = None
+    bad_images = trainer.bad_images()
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        test_loss, test_error, test_error5 = trainer.evaluate()
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "train_error": train_error,
+           "test_loss": test_loss, "test_error": test_error, "test_error_top5": test_error5, "lr": lr,
+           "epoch_time_s": round(epoch_time, 3), "images": images}
+    if bad_images is not None:  # folder data: unreadable images replaced this epoch
+        row["bad_images"] = bad_images
+        if test_error is not None:  # ... and left out of this evaluation
+            row["bad_test_images"] = trainer.bad_test_images
+    if trainer.scaler is not None:  # fp16: steps skipped for overflow, the loss scale now
+        row.update(skipped_steps=trainer.scaler.pop_skipped(), loss_scale=trainer.scaler.scale.item())
+    return row
+
+
+def final_line(cfg: Config, history) -> str:
+    """The last log line of a completed run: final and best test error, next to the paper's."""
+    tested = [r for r in history if r["test_error"] is not None]
+    if not tested:
+        return "no evaluation"
+    best = min(tested, key=lambda r: r["test_error"])
+    paper = (f"  (paper: {cfg.paper_error:.2f}" + (f" ± {cfg.paper_spread:g}" if cfg.paper_spread is not None else "")
+             + f", {cfg.paper_ref})") if cfg.paper_error is not None else f"  ({cfg.paper_ref})" * bool(cfg.paper_ref)
+    return (f"final test error {tested[-1]['test_error']:.2f}%{paper}; best {best['test_error']:.2f}% at epoch "
+            f"{best['epoch']} (best-epoch error is picked on the test set)")
+
+
+def train(cfg: Config, explicit: set, argv) -> int:
+    import torch
+    started = start_run(cfg, explicit, argv)
+    if isinstance(started, int):
+        return started
+    cfg, trainer, run_dir, log = started
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     STOP.install()
     from data_utils import DataError  # (torch is loaded by now)
     status, message, code = "completed", "", 0
@@ -170,23 +216,9 @@ def train(cfg: Config, explicit: set, argv) -> int:
                 saved, signum = (epoch, partial["step"]), trainer.stop_signal
                 break
             partial = None
-            train_loss, train_error, images = result
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_time = time.time() - t0
-            test_loss = test_error = test_error5 = None
-            bad_images = trainer.bad_images()
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                test_loss, test_error, test_error5 = trainer.evaluate()
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_error": train_error,
-                   "test_loss": test_loss, "test_error": test_error, "test_error_top5": test_error5, "lr": lr,
-                   "epoch_time_s": round(epoch_time, 3), "images": images}
-            if bad_images is not None:  # folder data: unreadable images replaced this epoch
-                row["bad_images"] = bad_images
-                if test_error is not None:  # ... and left out of this evaluation
-                    row["bad_test_images"] = trainer.bad_test_images
-            if trainer.scaler is not None:  # fp16: steps skipped for overflow, the loss scale now
-                row.update(skipped_steps=trainer.scaler.pop_skipped(), loss_scale=trainer.scaler.scale.item())
+            row = epoch_row(trainer, cfg, epoch, result, lr, time.time() - t0)
             trainer.history.append(row)
             if rank0:
                 trainer.save_checkpoint(epoch + 1)
@@ -194,12 +226,12 @@ def train(cfg: Config, explicit: set, argv) -> int:
                 if board is not None:
                     board.add(row)
             saved = epoch + 1, 0
-            test = (f"test loss {test_loss:.4f} err {test_error:.2f}% top-5 {test_error5:.2f}%"
-                    if test_error is not None else "test -")
-            log.line(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} err {train_error:.2f}%  "
-                     f"{test}  lr {lr:.4g}  {epoch_time:.1f}s")
-            train_time += epoch_time
-            images_total += images
+            test = (f"test loss {row['test_loss']:.4f} err {row['test_error']:.2f}% top-5 {row['test_error_top5']:.2f}%"
+                    if row["test_error"] is not None else "test -")
+            log.line(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.2f}%  "
+                     f"{test}  lr {lr:.4g}  {row['epoch_time_s']:.1f}s")
+            train_time += row["epoch_time_s"]
+            images_total += row["images"]
             if epoch + 1 < cfg.epochs:  # (a signal after the last epoch's work changes nothing)
                 signum = trainer.agree()[0]
                 if signum:
@@ -233,13 +265,7 @@ def train(cfg: Config, explicit: set, argv) -> int:
     if message:
         log.line(message, err=code != 0)
     if status == "completed":
-        tested = [r for r in trainer.history if r["test_error"] is not None]
-        final = tested[-1]["test_error"] if tested else float("nan")
-        best = min(tested, key=lambda r: r["test_error"]) if tested else None
-        paper = (f"  (paper: {cfg.paper_error:.2f}" + (f" ± {cfg.paper_spread:g}" if cfg.paper_spread is not None else "")
-                 + f", {cfg.paper_ref})") if cfg.paper_error is not None else f"  ({cfg.paper_ref})" * bool(cfg.paper_ref)
-        log.line(f"final test error {final:.2f}%{paper}; best {best['test_error']:.2f}% at epoch {best['epoch']} "
-                 f"(best-epoch error is picked on the test set)" if best else "no evaluation")
+        log.line(final_line(cfg, trainer.history))
     if world > 1:
         import torch.distributed as dist
         if not STOP.hard and status != "failed":  # the ranks agreed on the outcome: leave together, after rank 0 wrote
