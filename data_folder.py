@@ -15,20 +15,22 @@ decoding the ones before it.
 RandomResizedCrop is torchvision's (scale (0.08, 1), ratio (3/4, 4/3), ten tries, then the centre crop of
 the clamped ratio): the crop box (i, j, h, w) from the image size in the file header, the box cut out
 and resized to S×S by torch's antialiased bilinear uint8 kernel — torchvision's resized_crop on PIL
-images up to rounding (±1), about 4× faster than PIL's resize. JPEGs are decoded at reduced DCT size
-(PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the box still has at least S pixels a side there, i.e. the
-decode never goes below the resolution the resize keeps. Grayscale, CMYK and palette images, and PNGs
+images up to rounding (±1, rarely 2), about 3× faster than PIL's resize. JPEGs are decoded at reduced
+DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the box still has at least S pixels a side there,
+i.e. the decode never goes below the resolution the resize keeps (an approximation of the official
+full-size decode, its box edges on the reduced grid). Grayscale, CMYK and palette images, and PNGs
 named .JPEG (all in ImageNet), are converted to RGB as torchvision's ImageFolder loader does.
 
-Validation (`FolderData.test_batches`): torchvision Resize(R) + CenterCrop(S), R = round(S·256/224)
-(the same kernel, up to rounding), streamed in batches, rank r of W taking samples r, r+W, ...: every
-sample counted once.
+Validation (`FolderData.test_batches`): torchvision Resize(R) + CenterCrop(S), R = round(S·256/224),
+from a full-size decode with the same kernel (torchvision's to ±1), streamed in batches, rank r of W
+taking samples r, r+W, ...: every sample counted once.
 
 An unreadable image (corrupt, truncated, not an image) is reported with its path on stderr. In
 training it is replaced by the next readable sample in file order (same seed: deterministic) and the
 epoch's metrics row counts the replacements (`bad_images`); in validation it is left out (the errors
 are over the images read; a replacement would count another image twice) and counted
-(`bad_test_images`). MAX_REPLACEMENTS (16) unreadable files in a row stop the run with an error.
+(`bad_test_images`). MAX_REPLACEMENTS (16) unreadable files in a row (training: the file and the 15
+after it; validation: 16 of this rank's images in a row) stop the run with an error.
 """
 from __future__ import annotations
 
@@ -126,11 +128,12 @@ class FolderData:
         folder, paths, labels = self.val
         mine = np.arange(shard, len(paths), num_shards)
         batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-        ds = _Batches(folder, paths, labels, batches, image_size, train=False)
-        self.bad_test_images = 0
-        for x, y, _flip, bad in _loader(ds, range(len(batches)), workers, device):
+        ds = _Batches(folder, paths, labels, batches, image_size, train=False, replace=False)
+        self.bad_test_images, run = 0, 0
+        for b, (x, y, _flip, bad) in enumerate(_loader(ds, range(len(batches)), workers, device)):
             _report(bad)
             self.bad_test_images += len(bad)
+            run = _bad_run(run, bad, len(batches[b]))
             if len(y):
                 yield augment.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
@@ -171,7 +174,7 @@ class FolderTrainLoader:
         batches = [idx[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.num_batches)]
         base = mix_seed(self.seed, self.epoch, self.stream, self.shard, 2)
         ds = _Batches(self.folder, self.paths, self.labels, batches, self.image_size, train=self.random_crop,
-                      base=base, flip=self.flip)
+                      replace=True, base=base, flip=self.flip)
         for x, y, flip, bad in _loader(ds, range(start, self.num_batches), self.workers, self.device):
             _report(bad)
             self.bad_images += len(bad)
@@ -185,11 +188,25 @@ class FolderTrainLoader:
 def _report(bad):
     """Print the unreadable files of a batch; a FATAL record raises DataError (here, in the main
     process: raised in a DataLoader worker it would arrive wrapped in the worker's traceback)."""
-    for path, error, other in bad:
+    for _k, path, error, other in bad:
         if other == FATAL:
             raise DataError(error)
         print(f"data: unreadable image {path} ({error}); " + (f"replaced by {other}" if other else "left out"),
               file=sys.stderr, flush=True)
+
+
+def _bad_run(run, bad, n):
+    """The run of unreadable samples at the end of a validation batch of n samples (`bad`: its
+    records, positions ascending), continuing the `run` the batch before ended with; DataError when a
+    run reaches MAX_REPLACEMENTS."""
+    last = -1
+    for p, path, _error, _other in bad:
+        run = run + 1 if p == last + 1 else 1
+        last = p
+        if run >= MAX_REPLACEMENTS:
+            raise DataError(f"imagenet: {MAX_REPLACEMENTS} unreadable validation images in a row, the last "
+                            f"{path}; is the data folder damaged?")
+    return run if last == n - 1 else 0
 
 
 def _loader(ds, order, workers, device):
@@ -206,13 +223,15 @@ def _loader(ds, order, workers, device):
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Batch b → (uint8 (B, 3, S, S), labels, flips, [(bad path, error, replacement path or None)]).
-    Training (train or flip) replaces an unreadable file by the next readable one; validation leaves
-    it out (B is then smaller)."""
+    """Batch b → (uint8 (B, 3, S, S), labels, flips, [(position in the batch, bad path, error,
+    replacement path or None or FATAL)]). `train`: RandomResizedCrop (else the validation transform).
+    `replace` (training): an unreadable file is replaced by the next readable one in file order, the
+    same draws; MAX_REPLACEMENTS failures for one sample make a FATAL record. Otherwise (validation)
+    it is left out (B is then smaller)."""
 
-    def __init__(self, folder, paths, labels, batches, size, *, train, base=0, flip=False):
+    def __init__(self, folder, paths, labels, batches, size, *, train, replace, base=0, flip=False):
         self.folder, self.paths, self.labels, self.batches = folder, paths, labels, batches
-        self.size, self.train, self.base, self.flip = size, train, base, flip
+        self.size, self.train, self.replace, self.base, self.flip = size, train, replace, base, flip
 
     def __len__(self):
         return len(self.batches)
@@ -227,28 +246,27 @@ class _Batches(torch.utils.data.Dataset):
         y = np.empty(len(idx), dtype=np.int64)
         flips = np.zeros(len(idx), dtype=bool)
         keep = np.ones(len(idx), dtype=bool)
-        replace = self.train or self.flip
-        bad, in_a_row = [], 0
+        bad = []
         for k, i in enumerate(idx):
-            rng = random.Random(_sample_seed(self.base, int(i))) if replace else None
-            for attempt in range(MAX_REPLACEMENTS if replace else 1):
+            seeded = self.train or self.flip
+            rng = random.Random(_sample_seed(self.base, int(i))) if seeded else None
+            for attempt in range(MAX_REPLACEMENTS if self.replace else 1):
                 j = (int(i) + attempt) % len(self.paths)
                 try:
                     x[k] = load_train(self._path(j), s, rng) if self.train else load_val(self._path(j), s)
-                    in_a_row = 0
                     break
                 except Exception as e:  # noqa: BLE001 (any decoder error: corrupt, truncated, not an image)
                     error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                    bad.append((self._path(j), error, self._path(j + 1) if replace else None))
-                    in_a_row += 1
-                    if rng is not None:  # the replacement draws what the bad file would have drawn
+                    bad.append((k, self._path(j), error, self._path(j + 1) if self.replace else None))
+                    if seeded:  # the replacement draws what the bad file would have drawn
                         rng = random.Random(_sample_seed(self.base, int(i)))
-            else:
-                if replace or in_a_row >= MAX_REPLACEMENTS:  # (raised in the main process: see _checked)
-                    bad.append((self._path(int(i)), f"imagenet: {MAX_REPLACEMENTS} unreadable images in a "
-                                f"row from {self._path(int(i))}; is the data folder damaged?", FATAL))
-                    break
+            else:  # every attempt failed
                 keep[k] = False
+                if self.replace:  # MAX_REPLACEMENTS in a row: the run stops (raised in the main process, by _report)
+                    bad.append((k, self._path(int(i)), f"imagenet: {MAX_REPLACEMENTS} unreadable images in a "
+                                f"row from {self._path(int(i))}; is the data folder damaged?", FATAL))
+                    keep[k:] = False
+                    break
                 continue
             y[k] = self.labels[j]
             flips[k] = self.flip and rng.random() < 0.5
@@ -284,23 +302,27 @@ def _open(path):
     return Image.open(path)
 
 
-def _pixels(im, want, *, writable=False):
-    """The image's pixels as an RGB uint8 array (H', W', 3), and (H'/H, W'/W): a JPEG is decoded at the
-    smallest DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) that keeps at least `want` = (w, h) pixels
-    across the full image; anything else at full size. Grayscale, CMYK and palette images become RGB
-    as in torchvision's loader (PIL convert("RGB"))."""
+def _pixels(im, want=None, *, writable=False):
+    """The image's pixels as an RGB uint8 array (H', W', 3), and the decode's scale H'/H = W'/W: a
+    JPEG is decoded at the smallest DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) that keeps at
+    least `want` = (w, h) pixels across the full image; anything else, or with `want` None, at full
+    size. Grayscale, CMYK and palette images become RGB as in torchvision's loader (PIL
+    convert("RGB"))."""
     width, height = im.size
-    if im.format == "JPEG" and 2 * want[0] <= width and 2 * want[1] <= height:
-        im.draft("RGB", want)
+    scale = 1.0
+    if want is not None and im.format == "JPEG" and 2 * want[0] <= width and 2 * want[1] <= height:
+        drafted = im.draft("RGB", want)
+        if drafted is not None:  # (0, 0, width / s, height / s): libjpeg's 1/s DCT scaling, exactly
+            scale = drafted[1][2] / width
     if im.mode != "RGB":
         im = im.convert("RGB")
     a = np.array(im) if writable else np.asarray(im)
-    return a, (a.shape[0] / height, a.shape[1] / width)
+    return a, scale
 
 
 def _resize(a, h, w):
     """uint8 (H, W, 3) → (3, h, w): torch's antialiased bilinear resize, which equals PIL's BILINEAR
-    resize (torchvision's on PIL images) up to rounding (±1), on torch's uint8 channels-last kernel
+    resize (torchvision's on PIL images) up to rounding (±1, rarely 2), on torch's uint8 channels-last kernel
     (its output is contiguous (3, h, w): the batch's layout, copied into it without a transpose)."""
     if (a.shape[0], a.shape[1]) == (h, w):
         return a.transpose(2, 0, 1)
@@ -312,14 +334,15 @@ def _resize(a, h, w):
 def load_train(path, size, rng):
     """RandomResizedCrop(size) of the image at `path` (the draws from `rng`), uint8 (3, size, size):
     the crop box cut out, then resized, as torchvision's resized_crop does (the box's edge pixels see
-    nothing outside it). When a reduced DCT size still has ≥ size pixels across the box, the box is
-    cut from that decode (its edges rounded to the reduced grid)."""
+    nothing outside it). When a reduced DCT size (1/s) still has ≥ size pixels across the box, the box
+    is cut from that decode, its edges at the nearest pixel of the 1/s grid (an approximation:
+    torchvision decodes at full size)."""
     with _open(path) as im:
         width, height = im.size
         top, left, h, w = crop_params(height, width, rng)
-        a, (fy, fx) = _pixels(im, (math.ceil(width * size / w), math.ceil(height * size / h)))
-        if (fy, fx) != (1.0, 1.0):
-            top, left, bottom, right = round(top * fy), round(left * fx), round((top + h) * fy), round((left + w) * fx)
+        a, f = _pixels(im, (math.ceil(width * size / w), math.ceil(height * size / h)))
+        if f != 1.0:
+            top, left, bottom, right = round(top * f), round(left * f), round((top + h) * f), round((left + w) * f)
             top, left, h, w = top, left, bottom - top, right - left
         crop = a[top:top + h, left:left + w].copy()  # dense (the resize kernel's fast path), writable
         return _resize(crop, size, size)
@@ -327,15 +350,16 @@ def load_train(path, size, rng):
 
 def load_val(path, size):
     """Resize(round(size·256/224)) + CenterCrop(size) of the image at `path`, uint8 (3, size, size),
-    as torchvision does them: the whole image resized (shorter side r, longer int(r·long/short)), then
-    the centre cut out."""
+    as torchvision does them: decoded at full size (the test errors stay comparable with the official
+    evaluation's), the whole image resized (shorter side r, longer int(r·long/short)), then the centre
+    cut out."""
     with _open(path) as im:
         width, height = im.size
         r = round(size * 256 / 224)
         short, long_ = (width, height) if width <= height else (height, width)  # torchvision Resize(r):
         new_long = int(r * long_ / short)  # shorter side r, longer int(r·long/short)
         nw, nh = (r, new_long) if width <= height else (new_long, r)
-        a, _ = _pixels(im, (nw, nh), writable=True)
+        a, _ = _pixels(im, writable=True)
         out = _resize(a, nh, nw)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))  # CenterCrop's offsets
         return out[:, top:top + size, left:left + size]

@@ -245,6 +245,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
     except DataError as e:  # the data went bad mid-run (a run of unreadable files): stop, keep the checkpoint
         status, code = "failed", EXIT_RUNTIME
         message = f"{e}; last checkpoint: {saved_at()}; mend the data, then --resume {run_dir}"
+        if not rank0 and not getattr(e, "agreed", False):  # this rank alone found it (in training):
+            print(f"main.py: error: rank {trainer.rank}: {message}", file=sys.stderr)  # torchrun stops the rest
     except SaveFailed as e:  # disk full or failing: stop here, the last checkpoint stays as it was
         status, code = "failed", EXIT_RUNTIME
         message = f"{e}; the last checkpoint ({saved_at()}) is intact: make room, then --resume {run_dir}"

@@ -475,16 +475,33 @@ class Trainer:
         else:
             batches = data_utils.test_batches(self.test_x, self.test_y, self.cfg.eval_batch_size, self.aug,
                                               device=self.device, shard=self.rank, num_shards=self.world)
-        totals = test_totals(self.net, batches, self.device, self.cfg.channels_last, self.autocast, self.info.num_classes)
-        if self.folder is not None:  # unreadable validation images (left out), summed over the ranks too
-            totals = self.torch.cat([totals, totals.new_tensor([self.folder.bad_test_images])])
+        # under torchrun the module itself, not DDP, whose forward would broadcast buffers: a collective
+        # that a rank with no batch left (its images all unreadable) would never join
+        net = self.net if self.world == 1 else self.model
+        torch, error = self.torch, ""
+        try:
+            totals = test_totals(net, batches, self.device, self.cfg.channels_last, self.autocast, self.info.num_classes)
+        except data_utils.DataError as e:  # a run of unreadable files: under torchrun every rank stops
+            if self.world == 1:
+                raise
+            error, totals = f"rank {self.rank}: {e}", torch.zeros(4, device=self.device, dtype=torch.float64)
+        extra = ([self.folder.bad_test_images] if self.folder is not None else []) + (
+            [float(bool(error))] if self.world > 1 else [])
+        totals = torch.cat([totals, totals.new_tensor(extra)])  # unreadable images left out; a rank failed
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)
-        loss, wrong, n, wrong5, *bad = totals.tolist()
-        self.bad_test_images = int(bad[0]) if bad else None
+        loss, wrong, n, wrong5, *extra = totals.tolist()
+        if self.world > 1 and extra.pop() > 0:
+            messages = [""] * self.world
+            dist.all_gather_object(messages, error)
+            agreed = data_utils.DataError(next(m for m in messages if m))
+            agreed.agreed = True  # every rank raises it: rank 0 reports it
+            raise agreed
+        self.bad_test_images = int(extra[0]) if extra else None
         if n == 0:
-            raise data_utils.DataError(f"{self.cfg.dataset}: no readable test image ({int(bad[0])} unreadable)")
+            raise data_utils.DataError(f"{self.cfg.dataset}: no readable test image"
+                                       + (f" ({int(extra[0])} unreadable)" if extra else ""))
         return loss / n, 100.0 * wrong / n, 100.0 * wrong5 / n
 
     def bad_images(self):

@@ -202,16 +202,16 @@ def test_train_and_evaluate_end_to_end_with_a_corrupt_file(data, tmp_path, capsy
 
 def test_unreadable_files_in_a_row_fail_the_run_with_the_checkpoint_kept(data, tmp_path, monkeypatch, capsys):
     """A run of unreadable files mid-run (a damaged data folder): one line, summary.json "failed",
-    exit 1, the last checkpoint intact; mended, --resume finishes the run."""
+    exit 1, the last checkpoint intact; mended, --resume finishes the run. The run of validation
+    images is counted across batches (here 1 | 2 of batches of 4)."""
     damaged = tmp_path / "data"
     shutil.copytree(data, damaged)
     monkeypatch.setattr(data_folder, "MAX_REPLACEMENTS", 2)
-    args = [*SMALL, "--data_dir", str(damaged), "--epochs", "2", "--optimizer", "sgd", "--eval_batch_size", "9"]
+    args = [*SMALL, "--data_dir", str(damaged), "--epochs", "2", "--optimizer", "sgd"]
     assert run(tmp_path, *args)[0] == 0  # the whole run, for comparison
-    files = sorted((damaged / "val" / "n00000000").iterdir())
+    files = sorted((damaged / "val" / "n00000001").iterdir())  # validation images 3, 4, 5
     saved = [f.read_bytes() for f in files]
-
-    # the damage appears after epoch 1: every validation image of a class unreadable (3 in a row)
+    # the damage appears after epoch 1
     real, calls = data_folder.FolderData.test_batches, []
 
     def damage_on_second_call(self, *a, **k):
@@ -224,7 +224,8 @@ def test_unreadable_files_in_a_row_fail_the_run_with_the_checkpoint_kept(data, t
     code, run_dir = run(tmp_path, *args, name="d")
     assert code == 1
     err = capsys.readouterr().err
-    assert "2 unreadable images in a row" in err and f"--resume {run_dir}" in err and "Traceback" not in err
+    assert "2 unreadable validation images in a row" in err and f"--resume {run_dir}" in err
+    assert "Traceback" not in err
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["status"] == "failed" and "unreadable" in summary["message"]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -233,6 +234,27 @@ def test_unreadable_files_in_a_row_fail_the_run_with_the_checkpoint_kept(data, t
     monkeypatch.setattr(data_folder.FolderData, "test_batches", real)
     assert main.main(["--resume", str(run_dir)]) == 0
     assert metrics(run_dir) == metrics(tmp_path / "runs" / "r")
+    # training: 2 unreadable files in a row (the sample's file and the next) stop the run the same way
+    for name in ("train_1_1.JPEG", "train_1_2.JPEG"):
+        (damaged / "train" / "n00000001" / name).write_bytes(b"garbage")
+    code, run_dir = run(tmp_path, *args, "--workers", "2", name="t")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "2 unreadable images in a row" in err and "Traceback" not in err
+    assert json.load(open(run_dir / "summary.json"))["status"] == "failed"
+
+
+def test_unaugmented_training_still_replaces_unreadable_images(data, tmp_path):
+    """--augment false (centre crops): an unreadable training image is still replaced, never dropped
+    (every batch full), and counted."""
+    damaged = tmp_path / "data"
+    shutil.copytree(data, damaged)
+    (damaged / "train" / "n00000002" / "train_2_3.JPEG").write_bytes(b"garbage")
+    folder = data_folder.FolderData(str(damaged))
+    loader = data_folder.FolderTrainLoader(folder, 4, 32, Augment(data_folder.IMAGENET_MEAN, data_folder.IMAGENET_STD),
+                                           device="cpu", random_crop=False, flip=False)
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [4, 4, 4, 4, 2] and loader.bad_images == 1
 
 
 def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
@@ -308,6 +330,35 @@ def test_two_torchrun_nodes_on_localhost_run_parallel_rwp_on_four_processes(data
     assert len(r) == 1 and r[0]["images"] == 4 * 4 * 2 and r[0]["test_error_top5"] is not None
     wrong = 9 * r[0]["test_error"] / 100  # each of the 9 validation images counted once: a whole number
     assert abs(wrong - round(wrong)) < 1e-9
+
+
+def test_torchrun_ranks_agree_to_stop_when_one_ranks_validation_images_are_unreadable(tmp_path):
+    """Two gloo processes; every validation image of rank 1 (17 of 34) is unreadable: rank 1 has no
+    batch to evaluate and reaches 16 in a row. Both ranks stop at the same point (no hang): one line
+    naming rank 1, summary.json "failed", exit 1, the checkpoint of epoch 1 kept."""
+    root = tmp_path / "data"
+    write_image_folder(str(root), classes=2, train_per_class=4, val_per_class=17)
+    val = sorted(str(p.relative_to(root / "val")) for p in (root / "val").rglob("*.JPEG"))
+    for rel in val[1::2]:  # rank 1 takes images 1, 3, 5, ...
+        (root / "val" / rel).write_bytes(b"garbage")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "main.py", *SMALL, "--data_dir", str(root), "--optimizer", "sgd", "--epochs", "2", "--eval_every", "2",
+           "--workers", "0", "--out_dir", str(tmp_path / "runs"), "--name", "r"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=120)  # (a hang, as before the ranks agreed, fails here)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0
+    run_dir = tmp_path / "runs" / "r"
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["status"] == "failed", err[-3000:]
+    assert summary["message"].startswith("rank 1: imagenet: 16 unreadable validation images in a row")
+    assert err.count("16 unreadable validation images in a row") == 1
+    assert 'main.py", line' not in err  # no traceback of ours (torchrun adds its own report)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- recipes
