@@ -27,13 +27,14 @@ taking samples r, r+W, ...: every sample counted once.
 
 An unreadable image (corrupt, truncated, not an image) is reported with its path on stderr. In
 training it is replaced by the next readable sample in file order (same seed: deterministic) and the
-epoch's metrics row counts the replacements (`bad_images`); in validation it is left out (the errors
+epoch's metrics row counts the samples replaced (`bad_images`); in validation it is left out (the errors
 are over the images read; a replacement would count another image twice) and counted
 (`bad_test_images`). MAX_REPLACEMENTS (16) unreadable files in a row (training: the file and the 15
 after it; validation: 16 of this rank's images in a row) stop the run with an error.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -54,7 +55,9 @@ FATAL = "fatal"  # a bad-file record's third field that stops the run (its error
 
 
 def _list_split(root: str, split: str):
-    """(class names, relative paths 'class/file' as bytes, labels) of root/split, checked."""
+    """(class names, relative paths 'class/.../file' as bytes, labels) of root/split, checked. The files of
+    a class are found as torchvision's ImageFolder finds them (the class folder walked recursively,
+    sorted, so TinyImageNet's train/<class>/images/ works), less hidden files (macOS's ._name.JPEG)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"imagenet: no {split}/ folder in {root!r}; expected {root}/train/<class>/*.JPEG "
@@ -64,13 +67,14 @@ def _list_split(root: str, split: str):
         raise DataError(f"imagenet: {folder} has no class folders; expected {folder}/<class>/*.JPEG")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(os.path.join(folder, name))
-                       if e.is_file() and e.name.lower().endswith(EXTENSIONS))
-        if not files:
+        found = [os.path.join(dirpath[len(folder) + 1:], f)  # relative to split/
+                 for dirpath, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True))
+                 for f in sorted(files) if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
+        if not found:
             raise DataError(f"imagenet: class folder {os.path.join(folder, name)} holds no image "
                             f"({', '.join(EXTENSIONS)})")
-        paths += [f"{name}/{f}" for f in files]
-        labels += [label] * len(files)
+        paths += found
+        labels += [label] * len(found)
     return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
 
 
@@ -94,6 +98,14 @@ class FolderData:
             parts = ([f"missing in val: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")] * bool(missing)
                      + [f"not in train: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else "")] * bool(extra))
             raise DataError(f"imagenet: the class folders of val/ differ from train/'s ({'; '.join(parts)})")
+        for name, split, asked, have in (("train_size", "train", train_size, len(train_paths)),
+                                         ("test_size", "val", test_size, len(val_paths))):
+            if asked > have:
+                raise DataError(f"{name}: {asked} is more than the {have} images in {os.path.join(root, split)} (0 = all)")
+        # what the run was trained on, to refuse a resume on other data: class names and file names
+        digest = hashlib.sha256("\0".join(self.classes).encode() + train_paths.tobytes() + val_paths.tobytes())
+        self.fingerprint = {"classes": len(self.classes), "train_files": len(train_paths),
+                            "val_files": len(val_paths), "sha256": digest.hexdigest()[:16]}
         keep = _subset(len(train_paths), train_size)
         self.train = (os.path.join(root, "train"), train_paths[keep], train_labels[keep])
         keep = _subset(len(val_paths), test_size)
@@ -177,7 +189,7 @@ class FolderTrainLoader:
                       replace=True, base=base, flip=self.flip)
         for x, y, flip, bad in _loader(ds, range(start, self.num_batches), self.workers, self.device):
             _report(bad)
-            self.bad_images += len(bad)
+            self.bad_images += len({k for k, *_ in bad})  # samples replaced (a walk may pass several files)
             x = x.to(self.device, non_blocking=True)
             if self.flip:
                 flip = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
@@ -188,11 +200,14 @@ class FolderTrainLoader:
 def _report(bad):
     """Print the unreadable files of a batch; a FATAL record raises DataError (here, in the main
     process: raised in a DataLoader worker it would arrive wrapped in the worker's traceback)."""
+    said = set()
     for _k, path, error, other in bad:
         if other == FATAL:
             raise DataError(error)
-        print(f"data: unreadable image {path} ({error}); " + (f"replaced by {other}" if other else "left out"),
-              file=sys.stderr, flush=True)
+        if path not in said:  # (once a batch: the replacement walks of neighbours pass the same files)
+            said.add(path)
+            print(f"data: unreadable image {path} ({error}); " + (f"replaced by {other}" if other else "left out"),
+                  file=sys.stderr, flush=True)
 
 
 def _bad_run(run, bad, n):

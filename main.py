@@ -133,9 +133,11 @@ def start_run(cfg: Config, explicit: set, argv):
             print(f"main.py: error: {write_error(e.filename or run_dir, e, 0)}", file=sys.stderr)
             return EXIT_RUNTIME
     n_params = sum(p.numel() for p in trainer.model.parameters())
+    steps = (trainer.resume_partial or {}).get("step", 0)  # of a mid-epoch checkpoint
     log.line(("resumed" if cfg.resume else "started") + f" {run_dir}: {cfg.dataset} (from {trainer.data_source}) {cfg.model} "
              f"({n_params:,} params) {cfg.optimizer} on {trainer.device}"
-             + (f" ×{world} ranks" if world > 1 else "") + f", {cfg.epochs} epochs from epoch {trainer.start_epoch + 1}")
+             + (f" ×{world} ranks" if world > 1 else "") + f", {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} from epoch "
+             f"{trainer.start_epoch + 1}" + (f" (its first {steps} step(s) done)" if steps else ""))
     if cfg.precision == "fp16" and trainer.device.type == "cpu":
         log.line("note: fp16 on a CPU is slow where the CPU has no fp16 convolutions (a wrn10_1 step at batch 50 took 12 s "
                  "instead of 0.07 s on our 2-core machine); bf16 is the fast low-precision mode on CPUs")
@@ -228,8 +230,10 @@ def train(cfg: Config, explicit: set, argv) -> int:
             saved = epoch + 1, 0
             test = (f"test loss {row['test_loss']:.4f} err {row['test_error']:.2f}% top-5 {row['test_error_top5']:.2f}%"
                     if row["test_error"] is not None else "test -")
+            unreadable = ", ".join(f"{row[k]} {what}" for k, what in (("bad_images", "unreadable training images replaced"),
+                                   ("bad_test_images", "unreadable test images left out")) if row.get(k))
             log.line(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.2f}%  "
-                     f"{test}  lr {lr:.4g}  {row['epoch_time_s']:.1f}s")
+                     f"{test}  lr {lr:.4g}  {row['epoch_time_s']:.1f}s" + (f"  ({unreadable})" if unreadable else ""))
             train_time += row["epoch_time_s"]
             images_total += row["images"]
             if epoch + 1 < cfg.epochs:  # (a signal after the last epoch's work changes nothing)
@@ -244,12 +248,14 @@ def train(cfg: Config, explicit: set, argv) -> int:
         status, message, code = "diverged", f"{e}; last good checkpoint: {saved_at()}", EXIT_RUNTIME
     except DataError as e:  # the data went bad mid-run (a run of unreadable files): stop, keep the checkpoint
         status, code = "failed", EXIT_RUNTIME
-        message = f"{e}; last checkpoint: {saved_at()}; mend the data, then --resume {run_dir}"
+        message = f"{e}; " + (f"last checkpoint: {saved_at()}; mend the data, then --resume {run_dir}" if saved
+                              else "no checkpoint yet; mend the data, then start the run again")
         if not rank0 and not getattr(e, "agreed", False):  # this rank alone found it (in training):
             print(f"main.py: error: rank {trainer.rank}: {message}", file=sys.stderr)  # torchrun stops the rest
     except SaveFailed as e:  # disk full or failing: stop here, the last checkpoint stays as it was
         status, code = "failed", EXIT_RUNTIME
-        message = f"{e}; the last checkpoint ({saved_at()}) is intact: make room, then --resume {run_dir}"
+        message = f"{e}; " + (f"the last checkpoint ({saved_at()}) is intact: make room, then --resume {run_dir}"
+                              if saved else "no checkpoint yet; make room, then start the run again")
     except KeyboardInterrupt:  # a second signal (or Ctrl-C) while a step ran: no agreement, no save
         status, code = "interrupted", 128 + (STOP.hard or signal.SIGINT)
         message = f"interrupted; last checkpoint: {saved_at()}" + (f"; resume with --resume {run_dir}" if saved else "")
@@ -261,7 +267,8 @@ def train(cfg: Config, explicit: set, argv) -> int:
     if rank0:
         try:
             write_summary(run_dir, cfg, trainer.history, status, message, train_time, images_total,
-                          trainer.wall_time(), world, trainer.rwp_mode, data_read_from=trainer.data_source)
+                          trainer.wall_time(), world, trainer.rwp_mode, data_read_from=trainer.data_source,
+                          **({"data": trainer.folder.fingerprint} if trainer.folder is not None else {}))
         except OSError as e:
             message += f"; summary.json could not be written either ({e.strerror})"
     if message:

@@ -5,7 +5,9 @@
 Each argument is a run folder (one with `config.yaml`, as `main.py` writes), a folder holding run
 folders (searched recursively), or a glob of either; no argument means `runs`. Runs are grouped
 by their resolved `config.yaml`, ignoring the fields that do not change results (below), and by
-their process count (`world_size` in summary.json: the global batch and RWP's mode depend on it). For each
+their process count (`world_size` in summary.json: the global batch and RWP's mode depend on it), and
+for folder datasets (`--dataset imagenet`) by the data itself (summary.json's `data`: class count,
+file counts and a hash of the class and file names; `data_dir` alone does not say). For each
 group the Markdown table on stdout gives
 
   n                           completed runs (seeds) in the group
@@ -148,6 +150,10 @@ class Run:
         c = self.config
         key = {k: v for k, v in c.items() if k not in IGNORED and (k not in RELEVANT_IF or RELEVANT_IF[k](c))}
         key["world_size"] = (self.summary or {}).get("world_size") or 1
+        data = (self.summary or {}).get("data")  # folder datasets: which data (classes, file names)
+        if isinstance(data, dict):
+            key["data"] = (f"{data.get('classes')} classes, {data.get('train_files')}/{data.get('val_files')} "
+                           f"files #{str(data.get('sha256', ''))[:8]}")
         return key
 
 

@@ -23,8 +23,8 @@ class Config:
     data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files; imagenet: train/ val/)
     image_size: int = 224             # imagenet: train RandomResizedCrop side; val Resize(side·256/224) + CenterCrop
     download: bool = False            # let torchvision download the dataset
-    train_size: int = 0               # use only the first N training samples (0 = all)
-    test_size: int = 0                # use only the first N test samples (0 = all)
+    train_size: int = 0               # use only the first N training samples (0 = all; imagenet: N spread evenly over the sorted files)
+    test_size: int = 0                # use only the first N test samples (0 = all; imagenet: as train_size)
     augment: bool = True              # random crop with padding + horizontal flip
     crop_padding: int = 4             # pixels of padding before the random crop
     pad_mode: str = "constant"        # constant | reflect
@@ -82,7 +82,7 @@ class Config:
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast + per-pass loss scaling)
     channels_last: bool = False       # NHWC memory layout (faster convolutions on GPU)
     compile: bool = False             # torch.compile the model
-    workers: int = 4                  # CPU workers for AutoAugment
+    workers: int = 4                  # CPU worker processes: AutoAugment; imagenet: JPEG decoding (at most the CPU count)
     eval_every: int = 1               # evaluate every k epochs (and after the last)
     eval_batch_size: int = 1000       # test batch size
     out_dir: str = "runs"             # parent folder of run folders
@@ -122,7 +122,7 @@ RANGES = [
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
     ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
     ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
-    ("eval_every", 1, None, True), ("image_size", 8, None, True), ("eval_batch_size", 1, None, True),
+    ("eval_every", 1, None, True), ("image_size", 8, 1024, True), ("eval_batch_size", 1, None, True),
     ("seed", 0, 2 ** 32 - 1, True), ("progress_every", 0, None, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -230,6 +230,12 @@ def _validate(cfg: Config):
     if cfg.dataset == "imagenet" and (cfg.cutout or cfg.autoaugment):
         raise UsageError(f"{'cutout' if cfg.cutout else 'autoaugment'}: not available for imagenet "
                          "(its augmentation is RandomResizedCrop + flip, as in the official script)")
+    padding = [k for k in ("crop_padding", "pad_mode", "pad_fill") if getattr(cfg, k) != FIELDS[k].default]
+    if cfg.dataset == "imagenet" and padding:  # (a value it would silently ignore)
+        raise UsageError(f"{padding[0]}: not used by imagenet (its crops are RandomResizedCrop, without padding)")
+    if cfg.dataset != "imagenet" and cfg.image_size != FIELDS["image_size"].default:
+        raise UsageError(f"image_size: only for imagenet (folder datasets); {cfg.dataset} has "
+                         f"{DATASETS[cfg.dataset].size}-pixel images")
     if cfg.std and min(cfg.std) <= 0:
         raise UsageError(f"std: values must be > 0, got {cfg.std}")
     if cfg.cutout and cfg.cutout_size > size:

@@ -93,7 +93,8 @@ def check_checkpoint(ckpt, path) -> Config:
             and all(isinstance(ckpt[k], dict) for k in ("model", "optimizer", "scheduler", "rng"))
             and torch.is_tensor(ckpt["rng"].get("cpu")) and ckpt["rng"]["cpu"].dtype == torch.uint8
             and isinstance(ckpt.get("wall_time_s", 0.0), number)
-            and type(ckpt.get("world_size", 1)) is int and ckpt.get("world_size", 1) >= 1):
+            and type(ckpt.get("world_size", 1)) is int and ckpt.get("world_size", 1) >= 1
+            and isinstance(ckpt.get("data", {}), dict)):
         raise foreign
     return saved
 

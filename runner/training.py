@@ -224,6 +224,8 @@ class Trainer:
         if cfg.dataset == "imagenet":
             import data_folder
             self.folder = data_folder.FolderData.shared(cfg.data_dir, cfg.train_size, cfg.test_size)
+            if ckpt is not None and ckpt.get("data", self.folder.fingerprint) != self.folder.fingerprint:
+                raise UsageError(data_changed(cfg.data_dir, ckpt["data"], self.folder.fingerprint))
             self.data_source = os.path.abspath(cfg.data_dir)
             info = dataclasses.replace(info, num_classes=self.folder.num_classes, size=cfg.image_size)
             n_test = len(self.folder.val[1])
@@ -305,7 +307,8 @@ class Trainer:
                 **({"partial": partial} if partial else {}),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(),
-                "history": self.history, **({"scaler": self.scaler.state_dict()} if self.scaler else {})}
+                "history": self.history, **({"scaler": self.scaler.state_dict()} if self.scaler else {}),
+                **({"data": self.folder.fingerprint} if self.folder is not None else {})}
 
     def wall_time(self):
         """Seconds since this run first started, over every session (up to each one's last save)."""
@@ -515,6 +518,13 @@ class Trainer:
             import torch.distributed as dist
             dist.all_reduce(t)
         return int(t.item())
+
+
+def data_changed(data_dir, was, now, hint="resume with the data it started with") -> str:
+    """The one line refusing a folder-dataset run's checkpoint other data (classes or files differ)."""
+    what = [f"{k.replace('_', ' ')} {was.get(k)} → {now[k]}" for k in ("classes", "train_files", "val_files")
+            if was.get(k) != now[k]] or ["class or file names differ"]
+    return f"data_dir: {data_dir} is not the data this run was trained on ({', '.join(what)}); {hint}"
 
 
 def _tensors(obj):

@@ -149,6 +149,34 @@ def test_folder_errors_are_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no image" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "runs")  # nothing left behind
+    # values a folder dataset cannot use, or beyond its files: one line each, before any folder exists
+    for extra, message in ((["--train_size", "19"], "train_size: 19 is more than the 18 images in"),
+                           (["--test_size", "10"], "test_size: 10 is more than the 9 images in"),
+                           (["--crop_padding", "8"], "crop_padding: not used by imagenet"),
+                           (["--pad_fill", "0"], "pad_fill: not used by imagenet"),
+                           (["--image_size", "2000"], "image_size: 2000 is out of range (must be ≥ 8 and ≤ 1024)")):
+        assert main.main([*SMALL, "--data_dir", data, *extra, "--out_dir", str(tmp_path / "runs")]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert main.main(["--dataset", "cifar10", "--image_size", "64"]) == 2
+    assert "image_size: only for imagenet" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_tinyimagenet_layout_and_hidden_files(data, tmp_path):
+    """TinyImageNet keeps training images in train/<class>/images/: found, as torchvision's ImageFolder
+    finds them (same files, same order); macOS's ._name.JPEG files are not images and are skipped."""
+    from torchvision.datasets import ImageFolder
+    tiny = tmp_path / "tiny"
+    for split in ("train", "val"):
+        for c in sorted(os.listdir(os.path.join(data, split))):
+            sub = tiny / split / c / ("images" if split == "train" else "")
+            shutil.copytree(os.path.join(data, split, c), sub)
+    (tiny / "train" / "n00000000" / "images" / "._train_0_1.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    folder = data_folder.FolderData(str(tiny))
+    ours = [os.path.join(folder.train[0], p.decode()) for p in folder.train[1]]
+    ref = [(path, t) for path, t in ImageFolder(str(tiny / "train")).samples if not os.path.basename(path).startswith(".")]
+    assert ours == [path for path, _ in ref] and list(folder.train[2]) == [t for _, t in ref] and len(ours) == 18
 
 
 # ----------------------------------------------------------------------------- runs
@@ -241,7 +269,25 @@ def test_unreadable_files_in_a_row_fail_the_run_with_the_checkpoint_kept(data, t
     assert code == 1
     err = capsys.readouterr().err
     assert "2 unreadable images in a row" in err and "Traceback" not in err
+    assert "no checkpoint yet; mend the data, then start the run again" in err  # (epoch 1 never finished)
     assert json.load(open(run_dir / "summary.json"))["status"] == "failed"
+
+
+def test_a_run_of_unreadable_training_files_counts_samples_and_names_each_file_once(data, tmp_path, capsys):
+    """Three unreadable files in a row: samples 7, 8, 9 each walk on to the next readable file (7 passes
+    8 and 9 on its way): 3 samples replaced, each file named once."""
+    damaged = tmp_path / "data"
+    shutil.copytree(data, damaged)
+    broken = [damaged / "train" / "n00000001" / f"train_1_{k}.JPEG" for k in (1, 2, 3)]
+    for f in broken:
+        f.write_bytes(b"garbage")
+    folder = data_folder.FolderData(str(damaged))
+    loader = data_folder.FolderTrainLoader(folder, 18, 32, Augment(data_folder.IMAGENET_MEAN, data_folder.IMAGENET_STD),
+                                           device="cpu")
+    capsys.readouterr()
+    assert [len(y) for _, y in loader] == [18] and loader.bad_images == 3
+    err = capsys.readouterr().err
+    assert all(err.count(f"unreadable image {f} ") == 1 for f in broken) and err.count("\n") == 3
 
 
 def test_unaugmented_training_still_replaces_unreadable_images(data, tmp_path):
@@ -257,9 +303,11 @@ def test_unaugmented_training_still_replaces_unreadable_images(data, tmp_path):
     assert sizes == [4, 4, 4, 4, 2] and loader.bad_images == 1
 
 
-def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch, capsys):
     """RWP (two loaders a step): SIGTERM at step 7 (epoch 2, step 2), resume: the metrics of an
-    uninterrupted run, and the resumed epoch decodes only the batches it still needs."""
+    uninterrupted run, and the resumed epoch decodes only the batches it still needs. A run is tied
+    to its data: --resume / --evaluate on a folder with other classes or files is refused, the same
+    data moved is fine (--evaluate --data_dir), and report.py keeps runs on different data apart."""
     args = [*SMALL, "--data_dir", data, "--optimizer", "rwp", "--epochs", "2", "--workers", "0", "--dropout", "0.2"]
     assert run(tmp_path, *args, name="full")[0] == 0
     real, calls = main.Trainer.closure_for, []
@@ -274,12 +322,39 @@ def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
     code, part = run(tmp_path, *args, name="part")
     assert code == 143
     assert torch.load(part / "checkpoint.pt", weights_only=True)["partial"]["step"] == 2
+    other = tmp_path / "other"  # the same images, one class renamed (the class indices move)
+    shutil.copytree(data, other)
+    for split in ("train", "val"):
+        os.rename(other / split / "n00000000", other / split / "zz")
+    capsys.readouterr()
+    assert main.main(["--resume", str(part), "--data_dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the data this run was trained on (class or file names differ)" in err
     decoded = []
     real_get = data_folder._Batches.__getitem__
     monkeypatch.setattr(data_folder._Batches, "__getitem__", lambda self, b: decoded.append(b) or real_get(self, b))
     assert main.main(["--resume", str(part)]) == 0
     assert metrics(part) == metrics(tmp_path / "runs" / "full")
     assert sorted(decoded[:6]) == [2, 2, 3, 3, 4, 4]  # both loaders, from batch 2 on
+    summary = json.load(open(part / "summary.json"))
+    assert summary["data"] == torch.load(part / "checkpoint.pt", weights_only=True)["data"]
+    assert summary["data"]["classes"] == 3 and summary["data"]["train_files"] == 18
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    capsys.readouterr()
+    assert main.main(["--evaluate", str(part), "--data_dir", str(moved), "--device", "cpu"]) == 0
+    assert f"err {metrics(part)[-1]['test_error']:.2f}%" in capsys.readouterr().out
+    assert main.main(["--evaluate", str(part), "--data_dir", str(other)]) == 2
+    assert "--evaluate uses the run's own test set" in capsys.readouterr().err
+    monkeypatch.setattr(main.Trainer, "closure_for", real)
+    assert run(tmp_path, *[a if a != data else str(other) for a in args], name="on_other")[0] == 0
+    import report
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    rows_ = [line for line in table.splitlines() if line.startswith("| imagenet")]
+    assert len(rows_) == 2 and all("data=3 classes, 18/9 files #" in line for line in rows_), table
+    assert {line.split("|")[5].strip() for line in rows_} == {"2", "1"}  # full + part; on_other
 
 
 def test_sigkill_then_resume_with_workers_equals_uninterrupted(data, tmp_path):
@@ -391,7 +466,7 @@ def test_imagenet_recipe_dry_run():
     assert any("configs/imagenet/imagenet_tv_resnet50_rwp.yaml" in l for l in lines)
 
 
-def test_bench_imagenet_pipeline_quick(tmp_path, capsys):
+def test_bench_imagenet_pipeline_quick(data, tmp_path, capsys):
     import bench
     out = tmp_path / "p.json"
     assert bench.main_cli(["imagenet_pipeline", "--images", "4", "--width", "60", "--height", "45",
@@ -404,6 +479,13 @@ def test_bench_imagenet_pipeline_quick(tmp_path, capsys):
                                         "crop_resize_official"} and min(report["stages_ms"].values()) > 0
     out = capsys.readouterr().out
     assert "| in process | train |" in out and "decode at 1/8 DCT scale" in out
+    damaged = tmp_path / "damaged"  # the official pipeline cannot skip a bad file: one line, exit 2
+    shutil.copytree(data, damaged)
+    (damaged / "train" / "n00000001" / "train_1_1.JPEG").write_bytes(b"garbage")
+    assert bench.main_cli(["imagenet_pipeline", "--data_dir", str(damaged), "--image_size", "32", "--batch_size", "4",
+                           "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the official pipeline (torchvision ImageFolder) cannot read a file" in err and "Traceback" not in err
     assert bench.main_cli(["imagenet_pipeline", "--quality", "0"]) == 2
 
 

@@ -114,9 +114,11 @@ def test_evaluate_prints_the_last_test_error_and_writes_nothing(tmp_path, capsys
     assert main.main(["--evaluate", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert out == (f"{run_dir} (checkpoint after epoch 2/2): fashionmnist test set (128 images): "
-                   f"test loss {rows[-1]['test_loss']:.4f} err {rows[-1]['test_error']:.2f}%\n")
-    _, _, loss, error, n, _ = evaluate_run(str(run_dir), "cpu")
-    assert (loss, error, n) == (rows[-1]["test_loss"], rows[-1]["test_error"], 128)  # bit for bit
+                   f"test loss {rows[-1]['test_loss']:.4f} err {rows[-1]['test_error']:.2f}% "
+                   f"top-5 {rows[-1]['test_error_top5']:.2f}%\n")
+    r = evaluate_run(str(run_dir), "cpu")
+    assert (r["loss"], r["error"], r["error_top5"], r["images"]) == (
+        rows[-1]["test_loss"], rows[-1]["test_error"], rows[-1]["test_error_top5"], 128)  # bit for bit
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
     events = EventAccumulator(str(run_dir))
