@@ -772,7 +772,7 @@ def bench_imagenet_pipeline(argv):
         _write_jpegs(root, args.images, args.width, args.height, args.quality)
     try:
         folder = data_folder.FolderData(root)
-        files = [os.path.join(folder.train[0], p.decode()) for p in folder.train[1]]
+        files = [os.path.join(folder.train[0], os.fsdecode(p)) for p in folder.train[1]]
         mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
         n = len(files)
         order = np.arange(n)

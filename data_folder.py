@@ -55,20 +55,22 @@ FATAL = "fatal"  # a bad-file record's third field that stops the run (its error
 
 
 def _list_split(root: str, split: str):
-    """(class names, relative paths 'class/.../file' as bytes, labels) of root/split, checked. The files of
-    a class are found as torchvision's ImageFolder finds them (the class folder walked recursively,
-    sorted, so TinyImageNet's train/<class>/images/ works), less hidden files (macOS's ._name.JPEG)."""
+    """(class names, relative paths 'class/.../file' as bytes (os.fsencode), labels) of root/split,
+    checked. The files of a class are found as torchvision's ImageFolder finds them (the class folder
+    walked recursively, sorted, so TinyImageNet's train/<class>/images/ works), less hidden files and
+    folders (macOS's ._name.JPEG, .ipynb_checkpoints)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"imagenet: no {split}/ folder in {root!r}; expected {root}/train/<class>/*.JPEG "
                         f"and {root}/val/<class>/*.JPEG (--data_dir)")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"imagenet: {folder} has no class folders; expected {folder}/<class>/*.JPEG")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        found = [os.path.join(dirpath[len(folder) + 1:], f)  # relative to split/
+        found = [os.fsencode(os.path.join(dirpath[len(folder) + 1:], f))  # relative to split/; any characters
                  for dirpath, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True))
+                 if not any(d.startswith(".") for d in dirpath[len(folder) + 1:].split(os.sep))
                  for f in sorted(files) if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
         if not found:
             raise DataError(f"imagenet: class folder {os.path.join(folder, name)} holds no image "
@@ -76,6 +78,22 @@ def _list_split(root: str, split: str):
         paths += found
         labels += [label] * len(found)
     return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def data_mismatch(was: dict, now: dict, parts=("classes", "val", "train")) -> list:
+    """How the fingerprint `now` differs from `was` in `parts` (classes, train, val files): phrases."""
+    found = []
+    for part, count, names in (("classes", "classes", "class_names"), ("train", "train_files", "train_names"),
+                               ("val", "val_files", "val_names")):
+        if part in parts and was.get(count) != now[count]:
+            found.append(f"{count.replace('_', ' ')} {was.get(count)} → {now[count]}")
+        elif part in parts and was.get(names) != now[names]:
+            found.append(f"{'class' if part == 'classes' else part} names differ")
+    return found
 
 
 def _subset(n: int, size: int) -> np.ndarray:
@@ -102,10 +120,11 @@ class FolderData:
                                          ("test_size", "val", test_size, len(val_paths))):
             if asked > have:
                 raise DataError(f"{name}: {asked} is more than the {have} images in {os.path.join(root, split)} (0 = all)")
-        # what the run was trained on, to refuse a resume on other data: class names and file names
-        digest = hashlib.sha256("\0".join(self.classes).encode() + train_paths.tobytes() + val_paths.tobytes())
-        self.fingerprint = {"classes": len(self.classes), "train_files": len(train_paths),
-                            "val_files": len(val_paths), "sha256": digest.hexdigest()[:16]}
+        # what a run trains and is tested on (kept in its checkpoint and summary.json): the class names,
+        # the train and val file names (relative, as listed: the same on any machine)
+        self.fingerprint = {"classes": len(self.classes), "train_files": len(train_paths), "val_files": len(val_paths),
+                            "class_names": _digest("\0".join(self.classes).encode()),
+                            "train_names": _digest(train_paths.tobytes()), "val_names": _digest(val_paths.tobytes())}
         keep = _subset(len(train_paths), train_size)
         self.train = (os.path.join(root, "train"), train_paths[keep], train_labels[keep])
         keep = _subset(len(val_paths), test_size)
@@ -252,7 +271,7 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def _path(self, j):
-        return os.path.join(self.folder, self.paths[j % len(self.paths)].decode())
+        return os.path.join(self.folder, os.fsdecode(self.paths[j % len(self.paths)]))
 
     def __getitem__(self, b):
         idx = self.batches[b]

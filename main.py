@@ -138,6 +138,8 @@ def start_run(cfg: Config, explicit: set, argv):
              f"({n_params:,} params) {cfg.optimizer} on {trainer.device}"
              + (f" ×{world} ranks" if world > 1 else "") + f", {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} from epoch "
              f"{trainer.start_epoch + 1}" + (f" (its first {steps} step(s) done)" if steps else ""))
+    for note in trainer.notes:
+        log.line(note)
     if cfg.precision == "fp16" and trainer.device.type == "cpu":
         log.line("note: fp16 on a CPU is slow where the CPU has no fp16 convolutions (a wrn10_1 step at batch 50 took 12 s "
                  "instead of 0.07 s on our 2-core machine); bf16 is the fast low-precision mode on CPUs")
@@ -248,8 +250,9 @@ def train(cfg: Config, explicit: set, argv) -> int:
         status, message, code = "diverged", f"{e}; last good checkpoint: {saved_at()}", EXIT_RUNTIME
     except DataError as e:  # the data went bad mid-run (a run of unreadable files): stop, keep the checkpoint
         status, code = "failed", EXIT_RUNTIME
-        message = f"{e}; " + (f"last checkpoint: {saved_at()}; mend the data, then --resume {run_dir}" if saved
-                              else "no checkpoint yet; mend the data, then start the run again")
+        mend = "restore the unreadable files (training files may also be deleted)"
+        message = f"{e}; " + (f"last checkpoint: {saved_at()}; {mend}, then --resume {run_dir}" if saved
+                              else f"no checkpoint yet; {mend}, then start the run again")
         if not rank0 and not getattr(e, "agreed", False):  # this rank alone found it (in training):
             print(f"main.py: error: rank {trainer.rank}: {message}", file=sys.stderr)  # torchrun stops the rest
     except SaveFailed as e:  # disk full or failing: stop here, the last checkpoint stays as it was

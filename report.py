@@ -7,7 +7,8 @@ folders (searched recursively), or a glob of either; no argument means `runs`. R
 by their resolved `config.yaml`, ignoring the fields that do not change results (below), and by
 their process count (`world_size` in summary.json: the global batch and RWP's mode depend on it), and
 for folder datasets (`--dataset imagenet`) by the data itself (summary.json's `data`: class count,
-file counts and a hash of the class and file names; `data_dir` alone does not say). For each
+file counts and hashes of the class and file names; `data_dir` alone does not say; runs from before
+it was recorded form their own `data=unrecorded` groups). For each
 group the Markdown table on stdout gives
 
   n                           completed runs (seeds) in the group
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import math
 import os
@@ -53,6 +55,7 @@ import sys
 
 from runner.records import output_problem
 
+_DATA_COUNTS, _DATA_NAMES = ("classes", "train_files", "val_files"), ("class_names", "train_names", "val_names")
 IGNORED = {"seed", "name", "out_dir", "resume", "on_existing", "device", "workers", "eval_batch_size", "compile",
            "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread",
            "progress_every", "tensorboard"}
@@ -150,10 +153,11 @@ class Run:
         c = self.config
         key = {k: v for k, v in c.items() if k not in IGNORED and (k not in RELEVANT_IF or RELEVANT_IF[k](c))}
         key["world_size"] = (self.summary or {}).get("world_size") or 1
-        data = (self.summary or {}).get("data")  # folder datasets: which data (classes, file names)
-        if isinstance(data, dict):
-            key["data"] = (f"{data.get('classes')} classes, {data.get('train_files')}/{data.get('val_files')} "
-                           f"files #{str(data.get('sha256', ''))[:8]}")
+        if c.get("dataset") == "imagenet":  # folder datasets: which data (classes, file names)
+            data = (self.summary or {}).get("data")
+            key["data"] = "unrecorded" if data is None else (
+                f"{data['classes']} classes, {data['train_files']}/{data['val_files']} files #"
+                + hashlib.sha256(" ".join(data[k] for k in _DATA_NAMES).encode()).hexdigest()[:8])
         return key
 
 
@@ -175,6 +179,10 @@ def _check_summary(summary):
     for field in ("epochs_completed", "world_size"):
         if not _is_number(summary.get(field), optional=True):
             raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
+    data = summary.get("data")
+    if data is not None and not (isinstance(data, dict) and all(_is_number(data.get(k)) for k in _DATA_COUNTS)
+                                 and all(isinstance(data.get(k), str) for k in _DATA_NAMES)):
+        raise _Malformed(f"summary.json: data is {data!r}, not the record of a folder dataset")
 
 
 def _read_rows(lines):

@@ -122,7 +122,7 @@ RANGES = [
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
     ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
     ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
-    ("eval_every", 1, None, True), ("image_size", 8, 1024, True), ("eval_batch_size", 1, None, True),
+    ("eval_every", 1, None, True), ("image_size", 8, None, True), ("eval_batch_size", 1, None, True),
     ("seed", 0, 2 ** 32 - 1, True), ("progress_every", 0, None, True),
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -189,7 +189,9 @@ def _coerce(name, value):
     return value
 
 
-def _validate(cfg: Config):
+def _validate(cfg: Config, new: bool = True):
+    """UsageError for a value that cannot run. `new` False: a config saved in a checkpoint, which may
+    hold values earlier versions accepted and ignored (padding flags with imagenet, ...): kept."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"{name}: invalid choice {getattr(cfg, name)!r} (choose from {', '.join(allowed)})")
@@ -220,22 +222,25 @@ def _validate(cfg: Config):
         if v and len(v) != channels:
             raise UsageError(f"{name}: {cfg.dataset} has {channels} channel(s), got {len(v)} values")
     size = DATASETS[cfg.dataset].size
-    if cfg.augment and cfg.pad_mode == "reflect" and cfg.crop_padding >= size:
+    padding = [k for k in ("crop_padding", "pad_mode", "pad_fill") if getattr(cfg, k) != FIELDS[k].default]
+    if new and cfg.dataset == "imagenet" and padding:  # (values it would silently ignore; a saved run's
+        raise UsageError(f"{padding[0]}: not used by imagenet (its crops are RandomResizedCrop, without "  # are kept)
+                         f"padding); leave it at its default, {FIELDS[padding[0]].default!r}")
+    if new and cfg.image_size > 1024:
+        raise UsageError(f"image_size: {cfg.image_size} is out of range (must be ≥ 8 and ≤ 1024)")
+    if new and cfg.dataset != "imagenet" and cfg.image_size != FIELDS["image_size"].default:
+        raise UsageError(f"image_size: only for imagenet (folder datasets); {cfg.dataset} has "
+                         f"{DATASETS[cfg.dataset].size}-pixel images")
+    if cfg.augment and cfg.pad_mode == "reflect" and cfg.crop_padding >= size and cfg.dataset != "imagenet":
         raise UsageError(f"crop_padding: reflect padding must be smaller than the {size}-pixel image, "
                          f"got {cfg.crop_padding}")
-    if cfg.augment and cfg.crop_padding > size:
+    if cfg.augment and cfg.crop_padding > size and cfg.dataset != "imagenet":
         raise UsageError(f"crop_padding: at most the image size ({size} pixels), got {cfg.crop_padding}")
     if not all(math.isfinite(v) for v in cfg.mean + cfg.std):
         raise UsageError(f"{'mean' if not all(map(math.isfinite, cfg.mean)) else 'std'}: values must be finite numbers")
     if cfg.dataset == "imagenet" and (cfg.cutout or cfg.autoaugment):
         raise UsageError(f"{'cutout' if cfg.cutout else 'autoaugment'}: not available for imagenet "
                          "(its augmentation is RandomResizedCrop + flip, as in the official script)")
-    padding = [k for k in ("crop_padding", "pad_mode", "pad_fill") if getattr(cfg, k) != FIELDS[k].default]
-    if cfg.dataset == "imagenet" and padding:  # (a value it would silently ignore)
-        raise UsageError(f"{padding[0]}: not used by imagenet (its crops are RandomResizedCrop, without padding)")
-    if cfg.dataset != "imagenet" and cfg.image_size != FIELDS["image_size"].default:
-        raise UsageError(f"image_size: only for imagenet (folder datasets); {cfg.dataset} has "
-                         f"{DATASETS[cfg.dataset].size}-pixel images")
     if cfg.std and min(cfg.std) <= 0:
         raise UsageError(f"std: values must be > 0, got {cfg.std}")
     if cfg.cutout and cfg.cutout_size > size:

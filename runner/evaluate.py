@@ -23,7 +23,7 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: str | None = None
     import dataclasses
     import data_utils
     from runner.loading import load_data, load_run_checkpoint
-    from runner.training import autocast_for, build_augment, data_changed, resolve_device, test_totals
+    from runner.training import autocast_for, build_augment, check_data, resolve_device, test_totals
     dev = resolve_device(Config(device=device))
     model, cfg, ckpt = load_run_checkpoint(run_dir, dev)
     if data_dir is not None:
@@ -36,9 +36,7 @@ def evaluate_run(run_dir: str, device: str = "auto", data_dir: str | None = None
     if cfg.dataset == "imagenet":  # streamed from its files, as in training
         import data_folder
         folder = data_folder.FolderData(cfg.data_dir, cfg.train_size, cfg.test_size)
-        if ckpt.get("data", folder.fingerprint) != folder.fingerprint:
-            raise UsageError(data_changed(cfg.data_dir, ckpt["data"], folder.fingerprint,
-                                          "--evaluate uses the run's own test set"))
+        check_data(cfg.data_dir, ckpt.get("data"), folder.fingerprint, resume=False)
         info = dataclasses.replace(info, num_classes=folder.num_classes, size=cfg.image_size)
         aug = build_augment(cfg, info)
         batches = folder.test_batches(cfg.eval_batch_size, cfg.image_size, aug, device=dev, workers=cfg.workers)

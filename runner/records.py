@@ -80,7 +80,7 @@ def check_checkpoint(ckpt, path) -> Config:
         raise foreign
     try:
         saved = Config(**{k: _coerce(k, v) for k, v in ckpt["config"].items() if k in FIELDS})
-        _validate(saved)
+        _validate(saved, new=False)
     except (UsageError, TypeError) as e:
         raise UsageError(f"resume: the config saved in {path} is invalid ({e})") from None
     number = (int, float)

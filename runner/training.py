@@ -221,11 +221,12 @@ class Trainer:
         # data
         info = data_utils.DATASETS[cfg.dataset]
         self.folder = None  # folder datasets (imagenet) are streamed from files, see data_folder.py
+        self.notes = []  # lines for the run's log (main.py prints them after the start line)
         if cfg.dataset == "imagenet":
             import data_folder
             self.folder = data_folder.FolderData.shared(cfg.data_dir, cfg.train_size, cfg.test_size)
-            if ckpt is not None and ckpt.get("data", self.folder.fingerprint) != self.folder.fingerprint:
-                raise UsageError(data_changed(cfg.data_dir, ckpt["data"], self.folder.fingerprint))
+            if ckpt is not None:
+                self.notes += check_data(cfg.data_dir, ckpt.get("data"), self.folder.fingerprint)
             self.data_source = os.path.abspath(cfg.data_dir)
             info = dataclasses.replace(info, num_classes=self.folder.num_classes, size=cfg.image_size)
             n_test = len(self.folder.val[1])
@@ -520,11 +521,22 @@ class Trainer:
         return int(t.item())
 
 
-def data_changed(data_dir, was, now, hint="resume with the data it started with") -> str:
-    """The one line refusing a folder-dataset run's checkpoint other data (classes or files differ)."""
-    what = [f"{k.replace('_', ' ')} {was.get(k)} → {now[k]}" for k in ("classes", "train_files", "val_files")
-            if was.get(k) != now[k]] or ["class or file names differ"]
-    return f"data_dir: {data_dir} is not the data this run was trained on ({', '.join(what)}); {hint}"
+def check_data(data_dir, was, now, resume=True) -> list:
+    """A folder-dataset run's checkpoint against the data found now (data_folder fingerprints):
+    UsageError when the classes or the validation files differ (the labels or the test set would
+    not be the run's); for a resume, notes when only the training files differ (e.g. unreadable
+    ones deleted) or when the checkpoint records no data (written by an earlier version)."""
+    import data_folder
+    if was is None:
+        return [f"note: the checkpoint records no data (an earlier version wrote it); {data_dir} is the "
+                "run's data from now on"] if resume else []
+    bad = data_folder.data_mismatch(was, now, ("classes", "val"))
+    if bad:
+        raise UsageError(f"data_dir: {data_dir} is not the data this run was trained on ({', '.join(bad)}); "
+                         + ("resume with the data it started with" if resume else "--evaluate uses the run's own test set"))
+    changed = data_folder.data_mismatch(was, now, ("train",)) if resume else []
+    return [f"note: the training files in {data_dir} differ from the ones this run started with "
+            f"({', '.join(changed)}); continuing with them"] if changed else []
 
 
 def _tensors(obj):

@@ -173,10 +173,17 @@ def test_tinyimagenet_layout_and_hidden_files(data, tmp_path):
             sub = tiny / split / c / ("images" if split == "train" else "")
             shutil.copytree(os.path.join(data, split, c), sub)
     (tiny / "train" / "n00000000" / "images" / "._train_0_1.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    os.makedirs(tiny / "train" / ".ipynb_checkpoints")  # hidden folders are neither classes nor searched
+    shutil.copy(tiny / "train" / "n00000001" / "images" / "train_1_1.JPEG", tiny / "train" / ".ipynb_checkpoints")
+    os.rename(tiny / "train" / "n00000001" / "images" / "train_1_2.JPEG",
+              tiny / "train" / "n00000001" / "images" / "naïve café 1.JPEG")  # any file name
     folder = data_folder.FolderData(str(tiny))
-    ours = [os.path.join(folder.train[0], p.decode()) for p in folder.train[1]]
+    ours = [os.path.join(folder.train[0], os.fsdecode(p)) for p in folder.train[1]]
+    shutil.rmtree(tiny / "train" / ".ipynb_checkpoints")  # (torchvision would take it for a class)
     ref = [(path, t) for path, t in ImageFolder(str(tiny / "train")).samples if not os.path.basename(path).startswith(".")]
     assert ours == [path for path, _ in ref] and list(folder.train[2]) == [t for _, t in ref] and len(ours) == 18
+    assert data_folder.load_train(ours[[os.path.basename(p) for p in ours].index("naïve café 1.JPEG")], 32,
+                                  random.Random(0)).shape == (3, 32, 32)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -269,7 +276,7 @@ def test_unreadable_files_in_a_row_fail_the_run_with_the_checkpoint_kept(data, t
     assert code == 1
     err = capsys.readouterr().err
     assert "2 unreadable images in a row" in err and "Traceback" not in err
-    assert "no checkpoint yet; mend the data, then start the run again" in err  # (epoch 1 never finished)
+    assert "no checkpoint yet; restore the unreadable files (training files may also be deleted), then start the run again" in err
     assert json.load(open(run_dir / "summary.json"))["status"] == "failed"
 
 
@@ -288,6 +295,35 @@ def test_a_run_of_unreadable_training_files_counts_samples_and_names_each_file_o
     assert [len(y) for _, y in loader] == [18] and loader.bad_images == 3
     err = capsys.readouterr().err
     assert all(err.count(f"unreadable image {f} ") == 1 for f in broken) and err.count("\n") == 3
+
+
+def test_resume_after_deleting_an_unreadable_training_file(data, tmp_path, monkeypatch):
+    """Mending by deleting an unreadable training file changes the training files only: the resume
+    goes on, and the log says so; the classes and validation files must be the run's."""
+    mended = tmp_path / "data"
+    shutil.copytree(data, mended)
+    args = [*SMALL, "--data_dir", str(mended), "--optimizer", "sgd", "--epochs", "2", "--workers", "0"]
+    real, calls = main.Trainer.closure_for, []
+
+    def sigterm_at_step_6(self, batches):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
+    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_6)
+    code, run_dir = run(tmp_path, *args)
+    assert code == 143
+    monkeypatch.setattr(main.Trainer, "closure_for", real)
+    os.remove(mended / "train" / "n00000002" / "train_2_3.JPEG")
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert (f"note: the training files in {mended} differ from the ones this run started with (train files 18 → 17); "
+            "continuing with them") in open(run_dir / "log.txt").read()
+    assert json.load(open(run_dir / "summary.json"))["data"]["train_files"] == 17
+    # a run saved with a value earlier versions accepted and ignored (padding with imagenet) still loads
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    saved["config"]["crop_padding"] = 8
+    torch.save(saved, run_dir / "checkpoint.pt")
+    assert main.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0
 
 
 def test_unaugmented_training_still_replaces_unreadable_images(data, tmp_path):
@@ -329,13 +365,17 @@ def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert main.main(["--resume", str(part), "--data_dir", str(other)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is not the data this run was trained on (class or file names differ)" in err
+    assert err.count("\n") == 1 and "is not the data this run was trained on (class names differ, val names differ)" in err
+    saved = torch.load(part / "checkpoint.pt", weights_only=True)  # as an earlier version wrote it: no data record
+    del saved["data"]
+    torch.save(saved, part / "checkpoint.pt")
     decoded = []
     real_get = data_folder._Batches.__getitem__
     monkeypatch.setattr(data_folder._Batches, "__getitem__", lambda self, b: decoded.append(b) or real_get(self, b))
     assert main.main(["--resume", str(part)]) == 0
     assert metrics(part) == metrics(tmp_path / "runs" / "full")
     assert sorted(decoded[:6]) == [2, 2, 3, 3, 4, 4]  # both loaders, from batch 2 on
+    assert "note: the checkpoint records no data (an earlier version wrote it)" in open(part / "log.txt").read()
     summary = json.load(open(part / "summary.json"))
     assert summary["data"] == torch.load(part / "checkpoint.pt", weights_only=True)["data"]
     assert summary["data"]["classes"] == 3 and summary["data"]["train_files"] == 18
@@ -355,6 +395,16 @@ def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch, cap
     rows_ = [line for line in table.splitlines() if line.startswith("| imagenet")]
     assert len(rows_) == 2 and all("data=3 classes, 18/9 files #" in line for line in rows_), table
     assert {line.split("|")[5].strip() for line in rows_} == {"2", "1"}  # full + part; on_other
+    # a run from before the data was recorded is a group of its own; a malformed record is listed apart
+    for name, data_ in (("old", None), ("bad", "x")):
+        shutil.copytree(part, tmp_path / "runs" / name)
+        summary_ = json.load(open(tmp_path / "runs" / name / "summary.json"))
+        summary_.pop("data") if data_ is None else summary_.update(data=data_)
+        (tmp_path / "runs" / name / "summary.json").write_text(json.dumps(summary_))
+    assert report.main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert sum(line.startswith("| imagenet") and "data=unrecorded" in line for line in table.splitlines()) == 1
+    assert "data is 'x', not the record of a folder dataset" in table
 
 
 def test_sigkill_then_resume_with_workers_equals_uninterrupted(data, tmp_path):
