@@ -20,7 +20,7 @@ import main
 from data_utils import Augment, DataError
 from conftest import ROOT
 from imagefolder import write_image_folder
-from test_main import free_port, rows, run
+from test_main import free_port, rows, run, sigterm_at_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 18 training images, batch 4: 5 steps an epoch (the last batch holds 2); 9 validation images
@@ -303,14 +303,7 @@ def test_resume_after_deleting_an_unreadable_training_file(data, tmp_path, monke
     mended = tmp_path / "data"
     shutil.copytree(data, mended)
     args = [*SMALL, "--data_dir", str(mended), "--optimizer", "sgd", "--epochs", "2", "--workers", "0"]
-    real, calls = main.Trainer.closure_for, []
-
-    def sigterm_at_step_6(self, batches):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, batches)
-    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_6)
+    real = sigterm_at_step(monkeypatch, 6)
     code, run_dir = run(tmp_path, *args)
     assert code == 143
     monkeypatch.setattr(main.Trainer, "closure_for", real)
@@ -346,15 +339,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(data, tmp_path, monkeypatch, cap
     data moved is fine (--evaluate --data_dir), and report.py keeps runs on different data apart."""
     args = [*SMALL, "--data_dir", data, "--optimizer", "rwp", "--epochs", "2", "--workers", "0", "--dropout", "0.2"]
     assert run(tmp_path, *args, name="full")[0] == 0
-    real, calls = main.Trainer.closure_for, []
-
-    def sigterm_at_step_7(self, batches):
-        calls.append(1)
-        if len(calls) == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, batches)
-
-    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_7)
+    real = sigterm_at_step(monkeypatch, 7)
     code, part = run(tmp_path, *args, name="part")
     assert code == 143
     assert torch.load(part / "checkpoint.pt", weights_only=True)["partial"]["step"] == 2

@@ -34,6 +34,20 @@ def run(tmp_path, *args, name="r"):
     return code, tmp_path / "runs" / name
 
 
+def sigterm_at_step(monkeypatch, n):
+    """Make the next run send itself SIGTERM in its n-th optimizer step (from 1; the runner stops
+    after that step). Returns the real Trainer.closure_for, to put back."""
+    real, calls = main.Trainer.closure_for, []
+
+    def closure_for(self, batches):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
+    monkeypatch.setattr(main.Trainer, "closure_for", closure_for)
+    return real
+
+
 def rows(run_dir):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
@@ -258,15 +272,7 @@ def test_autoaugment_results_do_not_depend_on_workers_even_across_a_resume(tmp_p
     0 workers equals one stopped mid-epoch with 2 workers and resumed with 1 (resume may change it)."""
     args = [*TINY, "--optimizer", "sgd", "--epochs", "2", "--autoaugment"]
     assert run(tmp_path, *args, "--workers", "0", name="full")[0] == 0
-    real, calls = main.Trainer.closure_for, []
-
-    def sigterm_at_step_6(self, batches):
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, batches)
-
-    monkeypatch.setattr(main.Trainer, "closure_for", sigterm_at_step_6)
+    real = sigterm_at_step(monkeypatch, 6)
     assert run(tmp_path, *args, "--workers", "2", name="part")[0] == 143
     monkeypatch.setattr(main.Trainer, "closure_for", real)
     assert main.main(["--resume", str(tmp_path / "runs" / "part"), "--workers", "1"]) == 0
