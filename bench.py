@@ -11,7 +11,9 @@ Without `--config`, bench.py starts from small CPU defaults (BENCH_DEFAULTS belo
 config file decides and flags still override.
 
 What is measured and how: runner/bench_step.py (train, pipeline, eval, `--check_sync`,
-`--profile`) and runner/bench_imagenet.py (`bench.py imagenet_pipeline`: the ImageNet file pipeline).
+`--profile`), runner/bench_imagenet.py (`bench.py imagenet_pipeline`: the ImageNet file pipeline per
+core against the official one) and runner/bench_decode.py (`bench.py jpeg_decode`: JPEG decoding in
+CPU workers against on the GPU).
 
 Prints Markdown tables; `--json` writes device, torch version, date, the command line, the resolved
 Config and every figure. Exit code 2 with one line on stderr for bad arguments.
@@ -26,6 +28,7 @@ import os
 import platform
 import sys
 
+from runner.bench_decode import bench_jpeg_decode
 from runner.bench_imagenet import bench_imagenet_pipeline
 from runner.bench_step import (OtherCPU, Parser, UsageError, add_flops, bench_eval, bench_pipeline, bench_train,
                                check_output, check_sync, device_for, device_name, profile_steps)
@@ -40,12 +43,15 @@ QUICK = dict(steps=2, warmup=1, repeats=1, pipeline_batches=2, eval_batches=1)
 # blocks. CUDA: blocks of many steps (one synchronisation per block, the queue stays full).
 DEFAULTS = {"cpu": dict(steps=1, warmup=2, repeats=10, pipeline_batches=50, eval_batches=2),
             "cuda": dict(steps=50, warmup=10, repeats=3, pipeline_batches=200, eval_batches=5)}
+# `python bench.py MODE ...`: the other benchmarks, each with its own flags (MODE --help)
+MODES = {"imagenet_pipeline": bench_imagenet_pipeline, "jpeg_decode": bench_jpeg_decode}
 
 
 def _parser():
     p = Parser(prog="bench.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                epilog="Any other --flag is a main.py Config field (python main.py --help lists them). "
-                      "`python bench.py imagenet_pipeline --help`: the ImageNet file pipeline against the official one.")
+                      "`python bench.py imagenet_pipeline --help`: the ImageNet file pipeline against the official one; "
+                      "`python bench.py jpeg_decode --help`: JPEG decoding in CPU workers against on the GPU.")
     p.add_argument("--optimizers", nargs="*", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
                    metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} "
                    "(default: sgd amp rwp sam; none = time only the pipeline and evaluation)")
@@ -211,8 +217,8 @@ def run(argv):
 def main_cli(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["imagenet_pipeline"]:
-            bench_imagenet_pipeline(argv[1:])
+        if argv[:1] and argv[0] in MODES:
+            MODES[argv[0]](argv[1:])
             return 0
         run(argv)
     except Exception as e:

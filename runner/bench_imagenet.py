@@ -26,14 +26,14 @@ def _folder_parser():
     return p
 
 
-def _write_jpegs(root, n, width, height, quality, seed=0):
-    """n JPEGs (10 classes, train/ and val/ alike) of smooth colour fields with detail and noise: about
-    the entropy, hence the decode cost, of photographs at that size (the mean file size is reported)."""
+def _write_jpegs(root, n, width, height, quality, seed=0, splits=("train", "val")):
+    """n JPEGs per split (10 classes, train/ and val/ alike) of smooth colour fields with detail and noise:
+    about the entropy, hence the decode cost, of photographs at that size (the mean file size is reported)."""
     from PIL import Image
     import numpy as np
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    for split in ("train", "val"):
+    for split in splits:
         for i in range(n):
             folder = os.path.join(root, split, f"n{i % 10:08d}")
             os.makedirs(folder, exist_ok=True)
