@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 STEPS = ("env", "bench", "sync_pipeline", "train", "flatness")
 OPTIMIZERS = ("sgd", "amp", "rwp", "sam")                   # trained on Fashion-MNIST, timed in step 2
@@ -53,7 +54,8 @@ class Record:
         try:
             code, figures = fn()
             error = None
-        except Exception as e:  # noqa: BLE001 (one item's failure is recorded; the step goes on)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 (one item's failure is recorded; the step goes on)
+            traceback.print_exc()  # (into the step's log)
             code, figures, error = 1, None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         entry = dict(label=label, command=command, exit_code=code, seconds=round(time.perf_counter() - t0, 2))
         entry.update({"error": error} if error else {}, **({"figures": figures} if figures is not None else {}))
@@ -157,7 +159,7 @@ def sync_pipeline_plan(a):
     else:
         model, b50, b128 = ["--model", "preactresnet18", "--precision", "bf16", "--channels_last"], "50", "128"
         counts, pipe = ["--steps", "5", "--warmup", "2", "--repeats", "1", "--eval_batches", "5"], ["--pipeline_batches", "500"]
-        decode = ["--images", "256", "--samples", "2048", "--batch_size", "128", "--workers", "16", "--passes", "2"]
+        decode = ["--images", "256", "--samples", "4096", "--batch_size", "128", "--workers", "16", "--passes", "2"]
     return [("sync_check_pipeline_b" + b50, [*dev, *model, "--batch_size", b50, "--optimizers", "sgd", "amp", "rwp",
                                              "sam", "asam", "--check_sync", *counts, *pipe]),
             ("pipeline_b" + b128, [*dev, *model, "--batch_size", b128, "--optimizers", "--eval_batches", "0", *pipe]),
@@ -190,7 +192,7 @@ def train_argv(a, name):
              else ["--precision", "bf16", "--channels_last"])
     return ["--config", f"configs/fashionmnist/wrn28_10_basic_{name}.yaml", "--epochs", "2", "--device", _device(a),
             "--data_dir", a.data_dir, "--out_dir", os.path.join(a.out, "runs"), "--name", f"fm_{name}",
-            "--on_existing", "new", "--progress_every", "0", *sizes]
+            "--on_existing", "resume", "--progress_every", "0", *sizes]  # (a rerun continues or keeps the run)
 
 
 def step_train(a, rec):

@@ -120,3 +120,35 @@ def test_bad_arguments_one_line_exit_2(args, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_visit.sh: error: ") and message in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_gpu_plan_parses(tmp_path, monkeypatch):
+    """The GPU mode's commands (not runnable here) are valid bench.py, main.py and flatness.py arguments."""
+    import bench
+    import flatness
+    from runner import bench_decode
+    from runner.config import parse_config
+    monkeypatch.chdir(ROOT)
+    a = gpu_visit._args(["bench", str(tmp_path), "--data_dir", str(tmp_path)])
+    plan = gpu_visit.bench_plan(a) + gpu_visit.sync_pipeline_plan(a)
+    assert [label for label, _ in plan] == [
+        "wrn28_10_b128_bf16_cl", "preactresnet18_b50_bf16_cl", "wrn28_10_b128_fp32", "wrn28_10_b128_bf16",
+        "preactresnet18_b50_fp32", "preactresnet18_b50_bf16_cl_compile", "wrn28_10_b128_bf16_cl_compile",
+        "sync_check_pipeline_b50", "pipeline_b128", "jpeg_decode"]
+    for label, argv in plan:
+        assert argv[argv.index("--device") + 1] == "cuda", label
+        if argv[0] == "jpeg_decode":
+            bench_decode._check(bench_decode._parser().parse_args(argv[1:]))
+            continue
+        args, cfg = bench.parse_args(argv)
+        assert args.check_sync == label.startswith("sync_check") and cfg.device == "cuda"
+        if args.check_sync:
+            assert args.optimizers == ["sgd", "amp", "rwp", "sam", "asam"] and args.pipeline_batches > 0
+        elif not label.startswith("pipeline"):  # step 2: the label says model, batch, precision, layout, compile
+            assert label.startswith(f"{cfg.model}_b{cfg.batch_size}_{cfg.precision}")
+            assert (cfg.compile, cfg.channels_last) == ("compile" in label, "_cl" in label), label
+    for name in gpu_visit.OPTIMIZERS:
+        cfg, _ = parse_config(gpu_visit.train_argv(a, name))
+        assert (cfg.optimizer, cfg.model, cfg.epochs, cfg.precision, cfg.device) == (name, "sam_wrn28_10", 2, "bf16", "cuda")
+    args = flatness._parser().parse_args(gpu_visit.flatness_argv(a, "run", ["curvature"]))
+    assert (args.measures, args.top_k, args.device) == (["curvature"], 1, "cuda")
