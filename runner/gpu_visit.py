@@ -80,6 +80,7 @@ def step_env(a, rec):
             return (0 if a.cpu else 1), {"nvidia_smi_L": f"not run: {e}"}
 
     def versions():
+        import importlib.util
         import platform
         import torch
         import torchvision
@@ -89,7 +90,8 @@ def step_env(a, rec):
         if commit == "unknown":  # a copy without .git: the commit the caller names
             commit = os.environ.get("VISIT_COMMIT", "unknown")
         cuda = torch.cuda.is_available()
-        return 0, dict(torch=torch.__version__, torchvision=torchvision.__version__, cuda=torch.version.cuda,
+        found = {m: importlib.util.find_spec(m) is not None for m in ("scipy", "curvlinops")}  # (step 5 needs them)
+        return 0, dict(flatness_modules=found, torch=torch.__version__, torchvision=torchvision.__version__, cuda=torch.version.cuda,
                        cudnn=torch.backends.cudnn.version() if cuda else None, cuda_available=cuda,
                        device=device_name(torch.device(_device(a))), python=platform.python_version(),
                        cpus=os.cpu_count(), commit=commit,
