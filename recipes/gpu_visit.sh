@@ -17,6 +17,7 @@
 #   flatness       flatness.py --measures curvature on the AMP run: Hessian top eigenvalue, trace, times    [45]
 # then the report: OUT_DIR/results.json (everything) and OUT_DIR/results.md (one table). Also in OUT_DIR:
 # <step>.json (the items as they finished), status/<step>.json, logs/<step>.log, bench/*.json, runs/, flatness/.
+# --data_dir defaults to .data/fashion-mnist in the repository; relative paths are the caller's.
 #
 # --cpu --tiny: the same steps on the CPU at tiny sizes (wrn10_1, a few steps, 128 images, fp32), larger
 # time shares; tests/test_gpu_visit.py runs it. --steps runs only some steps (a rerun of the failed ones
@@ -25,11 +26,13 @@
 # curvlinops-for-pytorch and scipy (requirements-flatness.txt); without them it measures sharpness only
 # and fails. Exit code: 0 every step passed, 1 one failed or ran out of time, 2 bad arguments.
 set -uo pipefail
+HERE=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+abs() { if [[ $1 == /* ]]; then echo "$1"; else echo "$HERE/$1"; fi; }  # a path given relative to the caller's folder
 PYTHON=${PYTHON:-python3}
 usage() { echo "gpu_visit.sh: error: $1; usage: bash recipes/gpu_visit.sh OUT_DIR [--cpu --tiny] [--data_dir DIR] [--steps a,b] [--share STEP=SECONDS]" >&2; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || usage "OUT_DIR is required"
-OUT=$1; shift
+OUT=$(abs "$1"); shift
 declare -A SHARE=([env]=25 [bench]=170 [sync_pipeline]=70 [train]=150 [flatness]=45)
 ALL=env,bench,sync_pipeline,train,flatness
 MODE=() DATA=.data/fashion-mnist STEPS=$ALL OVERRIDES=()
@@ -38,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     --cpu|--tiny) MODE+=("$1") ;;
     --data_dir|--steps|--share)
       [[ $# -ge 2 ]] || usage "$1 needs a value"
-      case $1 in --data_dir) DATA=$2 ;; --steps) STEPS=$2 ;; --share) OVERRIDES+=("$2") ;; esac; shift ;;
+      case $1 in --data_dir) DATA=$(abs "$2") ;; --steps) STEPS=$2 ;; --share) OVERRIDES+=("$2") ;; esac; shift ;;
     *) usage "unknown argument $1" ;;
   esac
   shift

@@ -152,8 +152,9 @@ def markdown(visit, steps):
              f"command: `{visit.get('command')}`", "",
              "| step | item | result | status | s (share) |", "|---|---|---|---|---:|"]
     for s in steps:
-        lines.append(f"| {s['title']} | (the step) | {len(s['items'])} item(s) | **{s['status']}** "
-                     f"(exit {s['exit_code']}) | {_num(s['seconds'], '.1f')} ({s['share_s']}) |")
+        ran = s["exit_code"] is not None
+        lines.append(f"| {s['title']} | (the step) | {len(s['items'])} item(s) | **{s['status']}**"
+                     + (f" (exit {s['exit_code']}) | {s['seconds']:.1f} ({s['share_s']}) |" if ran else " | – |"))
         for item in s["items"]:
             state = "ok" if item["exit_code"] == 0 else f"failed (exit {item['exit_code']})"
             for k, (what, text) in enumerate(_item_rows(item)):
