@@ -22,7 +22,9 @@ no ``model`` the rule falls back to "tensors with ≥ 2 dims are weights". A par
 m-sharpness (SAM paper, Section 4.1): ε̂ computed per sub-batch of m examples and the perturbed
 gradients averaged; see ``step(closure, parts=K)``. In the SAM code this is what data parallelism
 does (each accelerator perturbs with its own sub-batch gradient; google-research/sam at dae9904,
-sam_jax/training_utils/flax_training.py, ``sync_perturbations`` False by default).
+sam_jax/training_utils/flax_training.py, ``sync_perturbations`` False by default). BatchNorm running
+statistics then get one update per step, the sub-batches' results averaged, as the accelerators'
+running averages are averaged there (``step``'s docstring).
 
 δ = 1e-12 keeps the step free of host syncs (no branch on ‖g‖ = 0) and makes ρ = 0 give ε̂ = 0
 exactly, so ρ = 0 reproduces the base optimizer bit for bit (parameters always; BatchNorm
@@ -242,6 +244,13 @@ class SAM(torch.optim.Optimizer):
 
         (each ε̂_i from its own sub-batch, as each accelerator of the SAM code does), then the base
         step with g. Returns (outputs of all clean passes concatenated, Σ (n_i/B) L_i).
+        BatchNorm running statistics (with ``model=``) get ONE update per step, as in the SAM code:
+        every sub-batch's passes start from the step's statistics r₀ and leave r_i (under
+        bn_update='clean': r_i = (1−μ)·r₀ + μ·s_i from sub-batch i's batch statistics s_i), and the
+        step ends with r = Σ_i (n_i/B)·r_i = (1−μ)·r₀ + μ·mean_i s_i — what each accelerator's own
+        running average, averaged over the accelerators as the SAM code's evaluation and checkpoint
+        do (``pmean`` / mean of the model state), holds; not K updates in sequence (momentum 1−(1−μ)^K).
+        Integer buffers (``num_batches_tracked``) count one update.
         K = 1 is the plain step above, exactly."""
         if closure is None:
             raise ValueError("closure is required: SAM needs two forward-backward passes "
@@ -265,8 +274,11 @@ class SAM(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         acc = None  # Σ_{j<i} of the perturbed passes' gradients, per parameter with a gradient
         results = []
+        bn = _BnAverage(self._bn_buffers, self._bn_scratch()) if self._bn_buffers else None
         for i in range(parts):
             last = i == parts - 1
+            if bn is not None and i > 0:
+                bn.start_part()  # BN buffers back to the step's r₀
             self.zero_grad(set_to_none=True)
             sync_off = self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
             with torch.enable_grad(), sync_off:  # clean pass on sub-batch i: g_i at θ
@@ -282,12 +294,16 @@ class SAM(torch.optim.Optimizer):
             with torch.enable_grad(), sync:  # perturbed pass: .grad += ∇[(n_i/B) L_i](θ + ε̂_i)
                 closure(part=i)
             self.restore()
+            if bn is not None:
+                bn.add(len(results[-1][0]))  # r_i, weighted by the sub-batch's size n_i
             if not last:
                 with torch.no_grad():
                     ps = [p for p in params if p.grad is not None]
                     if acc is None:
                         acc = self._acc_buffers(ps)
                     torch._foreach_copy_([acc[p] for p in ps], [p.grad for p in ps])
+        if bn is not None:
+            bn.finish()  # r = Σ (n_i/B) r_i
         self.base_step()
         outputs = torch.cat([r[0] for r in results])
         sizes = [len(r[0]) for r in results]
@@ -304,6 +320,13 @@ class SAM(torch.optim.Optimizer):
                 self._acc[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return self._acc
 
+    def _bn_scratch(self):
+        """Persistent (r₀ copy, weighted sum) buffers for the BN average of m-sharpness (scratch)."""
+        if getattr(self, "_bn_avg", None) is None:
+            self._bn_avg = ([torch.empty_like(b) for b in self._bn_buffers],
+                            [torch.empty_like(b) for b in self._bn_buffers if b.is_floating_point()])
+        return self._bn_avg
+
     def state_dict(self):
         return self.base_optimizer.state_dict()
 
@@ -311,6 +334,36 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+
+class _BnAverage:
+    """One m-sharpness step's BatchNorm statistics: r₀ saved at the start, each sub-batch's result r_i
+    added with weight n_i (floating buffers; integer ones keep the last sub-batch's value, r₀ + its
+    count), and r = Σ n_i·r_i / Σ n_i written back at the end. No host sync (weights are Python ints)."""
+
+    def __init__(self, buffers, scratch):
+        self.buffers, (self.start, self.sums) = buffers, scratch
+        self.floats = [b for b in buffers if b.is_floating_point()]
+        self.total = 0
+        with torch.no_grad():
+            torch._foreach_copy_(self.start, buffers)
+            torch._foreach_zero_(self.sums)
+
+    @torch.no_grad()
+    def start_part(self):
+        torch._foreach_copy_(self.buffers, self.start)
+
+    @torch.no_grad()
+    def add(self, n):
+        if self.floats:
+            torch._foreach_add_(self.sums, self.floats, alpha=n)
+        self.total += n
+
+    @torch.no_grad()
+    def finish(self):
+        if self.floats:
+            torch._foreach_div_(self.sums, float(self.total))
+            torch._foreach_copy_(self.floats, self.sums)
 
 
 def _lr_and_base(name, lr, base_optimizer, kwargs):

@@ -329,3 +329,57 @@ def test_davda54_label_smoothing_is_pytorchs_at_ten_ninths():
     g1, = torch.autograd.grad(theirs, logits)
     g2, = torch.autograd.grad(F.cross_entropy(logits, y, label_smoothing=0.1 * 10 / 9), logits)
     assert torch.allclose(g1, g2, atol=1e-7)
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("m", [4, 5])
+def test_m_sharpness_bn_statistics_are_the_replicas_average(m):
+    """google-research/sam (flax_training.py): each accelerator keeps its own BN running average,
+    updated once a step from its own sub-batch (clean pass), and evaluation / checkpoints use their
+    mean (pmean of the model state). Plain reference: one replica per sub-batch, each a PyTorch BN
+    updated from its sub-batch at the step's θ; their mean (weighted n_i/B) is our model's BN state."""
+    net = bn_net()
+    params = list(net.parameters())
+    opt = SAM(params, lr=0.1, rho=0.05, momentum=0.9, model=net)
+    n, steps = 12, 3
+    sizes = [len(range(i, min(i + m, n))) for i in range(0, n, m)]
+    replicas = [{k: v.clone() for k, v in net[1].state_dict().items()} for _ in sizes]
+    for s in range(steps):
+        x, y = tiny_batch(n=n, seed=s)
+        ref = bn_net()
+        ref.load_state_dict(net.state_dict())  # θ of this step
+        ref.train()
+        for i, state in enumerate(replicas):  # replica i: its own running stats, its own sub-batch
+            ref[1].load_state_dict(state)
+            with torch.no_grad():
+                ref(x[i * m:(i + 1) * m])
+            replicas[i] = {k: v.clone() for k, v in ref[1].state_dict().items()}
+        opt.step(make_closure(opt, net, params, [(x, y)], part_size=m))
+        for key in ("running_mean", "running_var"):
+            mean = sum(r[key] * (k / n) for r, k in zip(replicas, sizes))
+            assert torch.allclose(net[1].state_dict()[key], mean, atol=1e-6, rtol=1e-6), (s, key)
+        assert int(net[1].num_batches_tracked) == s + 1  # one update per step
+    # K updates in sequence (the former behaviour) would be another state: the test can tell
+    seq = bn_net()
+    seq.load_state_dict(bn_net().state_dict())
+    with torch.no_grad():
+        for i in range(0, n, m):
+            seq(tiny_batch(n=n, seed=0)[0][i:i + m])
+    first = bn_net()
+    opt1 = SAM(list(first.parameters()), lr=0.1, rho=0.05, momentum=0.9, model=first)
+    x, y = tiny_batch(n=n, seed=0)
+    opt1.step(make_closure(opt1, first, list(first.parameters()), [(x, y)], part_size=m))
+    assert not torch.allclose(first[1].running_mean, seq[1].running_mean, atol=1e-3)
+
+
+def test_m_sharpness_bn_average_has_no_host_sync(no_host_sync):
+    net = bn_net()
+    params = list(net.parameters())
+    opt = SAM(params, lr=0.1, rho=0.05, momentum=0.9, model=net)
+    closure = make_closure(opt, net, params, [tiny_batch()], part_size=5)
+    with no_host_sync():
+        opt.step(closure)
