@@ -268,7 +268,8 @@ class Trainer:
             self.loaders = [data_folder.FolderTrainLoader(
                 self.folder, cfg.batch_size, cfg.image_size, self.aug, device=self.device, seed=cfg.seed,
                 stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
-                workers=cfg.workers, random_crop=cfg.augment, flip=cfg.augment and cfg.flip) for i in range(per_step)]
+                workers=cfg.workers, random_crop=cfg.augment, flip=cfg.augment and cfg.flip,
+                reduced_decode=cfg.reduced_decode) for i in range(per_step)]
         else:
             self.loaders = [data_utils.TrainLoader(
                 xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,
