@@ -519,6 +519,23 @@ def test_slurm_script_commands(tmp_path):
         assert part in cmd, cmd
 
 
+def test_slurm_dry_run_as_documented_off_slurm(tmp_path):
+    """The header's dry run, `DATA=... DRY_RUN=1 bash recipes/slurm_rwp_imagenet.sbatch`, with no
+    SLURM_* variable and no MASTER_ADDR, with and without scontrol on PATH: this host is the endpoint."""
+    import socket
+    script = os.path.join(ROOT, "recipes", "slurm_rwp_imagenet.sbatch")
+    bare = tmp_path / "bin"  # a PATH without scontrol: just what the script calls
+    bare.mkdir()
+    for tool in ("bash", "hostname", "dirname", "basename", "head"):
+        os.symlink(shutil.which(tool), bare / tool)
+    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_") and k != "MASTER_ADDR"}
+    for path in (str(bare), env.get("PATH", "")):
+        p = subprocess.run(["bash", script], env={**env, "PATH": path, "DATA": "/d", "DRY_RUN": "1"},
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert f"--rdzv_endpoint {socket.gethostname()}:29500" in p.stdout and "--nnodes 1 --nproc_per_node 4" in p.stdout
+
+
 def test_imagenet_recipe_dry_run():
     p = subprocess.run(["bash", os.path.join(ROOT, "recipes", "rwp_imagenet.sh"), "--dry-run", "--data_dir", "/d"],
                        env={**ENV, "SEEDS": "0", "OUT": "runs/x"}, capture_output=True, text=True, timeout=60)
