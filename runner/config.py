@@ -76,6 +76,7 @@ class Config:
     adaptive_eta: float = 0.01        # η of ASAM's T = |w| + η
     asam_all_params: bool = False     # ASAM's T on every parameter (davda54/sam), not only weights (ASAM code)
     sam_m: int = 0                    # m-sharpness: ε̂ per sub-batch of m examples, gradients averaged (0 = batch)
+    sam_shared_draws: bool = False    # SAM/ASAM: perturbed pass replays the clean pass's random draws (dropout, shake-shake gates; SAM code)
     bn_update: str = "auto"           # BN running stats: auto (the paper's) | all passes | clean pass
     # runtime
     seed: int = 0                     # seeds init, shuffling, augmentation, noise

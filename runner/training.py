@@ -58,7 +58,7 @@ def _make_optimizer(cfg, model, world_size, params, base, bn, no_sync):
                    gamma_final=cfg.gamma_final, **bn, **base)
     from sam import SAM
     return SAM(params, rho=cfg.rho, base_optimizer=torch.optim.SGD, adaptive=cfg.optimizer == "asam",
-               eta=cfg.adaptive_eta, model=model, no_sync=no_sync, **bn, **base)
+               eta=cfg.adaptive_eta, model=model, no_sync=no_sync, shared_draws=cfg.sam_shared_draws, **bn, **base)
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:

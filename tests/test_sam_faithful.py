@@ -1,5 +1,6 @@
 """The SAM paper's setting: its models (google-research/sam sam_jax/models at dae9904), label smoothing,
 weight decay inside the loss, dropping the last partial batch, m-sharpness, and davda54/sam's ASAM."""
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import data_utils
 from models import build_model, count_parameters
-from models.samwrn import SameConv2d, SamWideBlock, ShakeShakeBlock, ShakeShortcut, shake_shake
+from models.samwrn import SameConv2d, SamWideBlock, ShakeShakeBlock, ShakeShakeWRN, ShakeShortcut, shake_shake
 from runner.config import UsageError, parse_config
 from runner.training import make_closure
 from sam import SAM
@@ -91,6 +92,84 @@ def test_shake_shake_gates():
     assert torch.allclose(a.grad, beta.expand_as(a)) and torch.allclose(b.grad, (1 - beta).expand_as(b))
     assert not torch.allclose(alpha, beta)
     assert torch.equal(shake_shake(a, b, False), (a + b) * 0.5)
+    a.grad = b.grad = None  # true_gradient (the SAM code's ascent pass): gradient α and 1−α, same draws
+    torch.manual_seed(1)
+    out = shake_shake(a, b, True, true_gradient=True)
+    assert torch.allclose(out, alpha * a + (1 - alpha) * b, atol=1e-6)
+    out.sum().backward()
+    assert torch.allclose(a.grad, alpha.expand_as(a)) and torch.allclose(b.grad, (1 - alpha).expand_as(b))
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    torch.rand(10)  # α and β: β is drawn all the same, so the draws after it do not depend on the flag
+    assert torch.equal(after, torch.rand(3))
+
+
+def recording_closure(block, log):
+    """A closure that logs (a draw from torch's RNG, the block's true_gradient flag) per call."""
+    def closure(part=None):
+        log.append((torch.rand(4), block.true_gradient))
+        loss = 0 * sum(p.sum() for p in block.parameters())
+        loss.backward()
+        return torch.zeros(2, 3), loss.detach()
+    return closure
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sam_shared_draws_replays_the_clean_pass(shared):
+    """shared_draws (the SAM code's one PRNG key per step): the perturbed pass draws what the clean pass
+    drew and only the clean pass has true_gradient; the RNG then stands where ONE pass leaves it.
+    Off: fresh draws in every pass. The same per sub-batch with m-sharpness."""
+    block = ShakeShakeBlock(2, 2, 1)
+    opt = SAM(list(block.parameters()), lr=0.1, rho=0.05, model=block, shared_draws=shared)
+    for parts in (1, 3):
+        log = []
+        torch.manual_seed(7)
+        opt.step(recording_closure(block, log), parts=parts)
+        after = torch.rand(4)
+        assert len(log) == 2 * parts
+        for i in range(parts):
+            (clean, flag_c), (perturbed, flag_p) = log[2 * i], log[2 * i + 1]
+            assert torch.equal(clean, perturbed) == shared and (flag_c, flag_p) == (shared, False)
+        assert not torch.equal(log[0][0], log[-1][0]) if parts > 1 else True  # each sub-batch its own draws
+        torch.manual_seed(7)
+        expected = [torch.rand(4) for _ in range(parts if shared else 2 * parts)]
+        assert torch.equal(after, torch.rand(4)) and all(torch.equal(e, c) for e, c in zip(expected, [
+            d for d, _ in (log[::2] if shared else log)]))
+    assert block.true_gradient is False
+
+
+def test_sam_shared_draws_step_matches_a_plain_reference_loop():
+    """One SAM step on the SAM code's Shake-Shake (tiny: 1 block a group, width 1) with shared_draws
+    equals a plain loop: ascent gradient with true_gradient at θ, ε̂ = ρ g/‖g‖, the SAME gates (RNG put
+    back) at θ+ε̂ with shake-shake's β, SGD at θ with that gradient."""
+    x, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(0)
+    net = ShakeShakeWRN(1, 1, 3)
+    ref = copy.deepcopy(net)
+    opt = SAM(list(net.parameters()), lr=0.1, rho=0.05, model=net, shared_draws=True)
+    torch.manual_seed(11)
+    opt.step(make_closure(opt, net, list(net.parameters()), [(x, y)]))
+    torch.manual_seed(11)
+    blocks = [m for m in ref.modules() if isinstance(m, ShakeShakeBlock)]
+    params = list(ref.parameters())
+    state = torch.get_rng_state()
+    for m in blocks:
+        m.true_gradient = True
+    g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    for m in blocks:
+        m.true_gradient = False
+    norm = torch.sqrt(sum(gi.square().sum() for gi in g))
+    eps = [0.05 * gi / (norm + 1e-12) for gi in g]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    torch.set_rng_state(state)
+    gp = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    with torch.no_grad():
+        for p, e, gi in zip(params, eps, gp):
+            p.sub_(e).sub_(0.1 * gi)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_shake_shortcut_is_gastaldis():
