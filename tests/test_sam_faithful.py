@@ -251,6 +251,11 @@ def test_trainer_passes_the_new_fields(tmp_path):
     cfg, _ = parse_config(["--optimizer", "asam", "--weight_decay_in_loss", "--asam_all_params", "--adaptive_eta", "0"])
     opt = build_optimizer(cfg, model, 1)
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[0]["adaptive_all"]
+    assert not opt.shared_draws
+    cfg, _ = parse_config(["--optimizer", "sam", "--model", "sam_shakeshake26_2x96d", "--sam_shared_draws"])
+    with torch.device("meta"):
+        opt = build_optimizer(cfg, models.build_model(cfg.model, 10), 1)
+    assert opt.shared_draws and len(opt._true_gradient) == 12  # the 12 Shake-Shake blocks
 
 
 def test_drop_last():
