@@ -15,11 +15,14 @@ decoding the ones before it.
 RandomResizedCrop is torchvision's (scale (0.08, 1), ratio (3/4, 4/3), ten tries, then the centre crop of
 the clamped ratio): the crop box (i, j, h, w) from the image size in the file header, the box cut out
 and resized to S×S by torch's antialiased bilinear uint8 kernel — torchvision's resized_crop on PIL
-images up to rounding (±1, rarely 2), about 3× faster than PIL's resize. JPEGs are decoded at reduced
-DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the box still has at least S pixels a side there,
-i.e. the decode never goes below the resolution the resize keeps (an approximation of the official
-full-size decode, its box edges on the reduced grid). Grayscale, CMYK and palette images, and PNGs
-named .JPEG (all in ImageNet), are converted to RGB as torchvision's ImageFolder loader does.
+images up to rounding (±1, rarely 2), about 3× faster than PIL's resize. JPEGs are decoded at full
+size, as the official script's PIL loader does. With `reduced_decode` (a speed option, off by default)
+a JPEG is decoded at reduced DCT size (PIL's `Image.draft`: 1/2, 1/4 or 1/8) when the box still has at
+least S pixels a side there (box ≥ 2S: small S or large photos), i.e. the decode never goes below the
+resolution the resize keeps; its pixels are not the official ones (libjpeg's DCT scaling, box edges on
+the reduced grid: a few levels on average, up to ~100 at edges; README, "ImageNet"). Grayscale, CMYK
+and palette images, and PNGs named .JPEG (all in ImageNet), are converted to RGB as torchvision's
+ImageFolder loader does.
 
 Validation (`FolderData.test_batches`): torchvision Resize(R) + CenterCrop(S), R = round(S·256/224),
 from a full-size decode with the same kernel (torchvision's to ±1), streamed in batches, rank r of W
@@ -30,7 +33,10 @@ training it is replaced by the next readable sample in file order (same seed: de
 epoch's metrics row counts the samples replaced (`bad_images`); in validation it is left out (the errors
 are over the images read; a replacement would count another image twice) and counted
 (`bad_test_images`). MAX_REPLACEMENTS (16) unreadable files in a row (training: the file and the 15
-after it; validation: 16 of this rank's images in a row) stop the run with an error.
+after it; validation: 16 of this rank's images in a row) stop the run with an error. The official
+script (nblt/RWP train_rwp_imagenet.py) sets PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`, so it trains on a
+truncated JPEG with its missing part grey; here a truncated file is unreadable and replaced (a
+process-wide PIL switch is not flipped behind the user's back).
 """
 from __future__ import annotations
 
@@ -175,12 +181,13 @@ class FolderTrainLoader:
     the last partial batch is kept unless it would hold a single sample)."""
 
     def __init__(self, data: FolderData, batch_size, image_size, augment, *, device, seed=0, stream=0,
-                 shard=0, num_shards=1, workers=0, random_crop=True, flip=True):
+                 shard=0, num_shards=1, workers=0, random_crop=True, flip=True, reduced_decode=False):
         self.folder, self.paths, self.labels = data.train
         self.batch_size, self.image_size, self.augment = batch_size, image_size, augment
         self.device = torch.device(device)
         self.seed, self.stream, self.shard, self.num_shards = seed, stream, shard, num_shards
         self.workers, self.random_crop, self.flip = workers, random_crop, flip
+        self.reduced_decode = reduced_decode
         self.epoch, self.bad_images = 0, 0
         n = len(self.paths) // num_shards
         self.num_samples = n
@@ -205,7 +212,7 @@ class FolderTrainLoader:
         batches = [idx[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.num_batches)]
         base = mix_seed(self.seed, self.epoch, self.stream, self.shard, 2)
         ds = _Batches(self.folder, self.paths, self.labels, batches, self.image_size, train=self.random_crop,
-                      replace=True, base=base, flip=self.flip)
+                      replace=True, base=base, flip=self.flip, reduced=self.reduced_decode)
         for x, y, flip, bad in _loader(ds, range(start, self.num_batches), self.workers, self.device):
             _report(bad)
             self.bad_images += len({k for k, *_ in bad})  # samples replaced (a walk may pass several files)
@@ -261,11 +268,12 @@ class _Batches(torch.utils.data.Dataset):
     replacement path or None or FATAL)]). `train`: RandomResizedCrop (else the validation transform).
     `replace` (training): an unreadable file is replaced by the next readable one in file order, the
     same draws; MAX_REPLACEMENTS failures for one sample make a FATAL record. Otherwise (validation)
-    it is left out (B is then smaller)."""
+    it is left out (B is then smaller). `reduced`: training crops from a reduced-DCT decode (load_train)."""
 
-    def __init__(self, folder, paths, labels, batches, size, *, train, replace, base=0, flip=False):
+    def __init__(self, folder, paths, labels, batches, size, *, train, replace, base=0, flip=False, reduced=False):
         self.folder, self.paths, self.labels, self.batches = folder, paths, labels, batches
         self.size, self.train, self.replace, self.base, self.flip = size, train, replace, base, flip
+        self.reduced = reduced
 
     def __len__(self):
         return len(self.batches)
@@ -287,7 +295,8 @@ class _Batches(torch.utils.data.Dataset):
             for attempt in range(MAX_REPLACEMENTS if self.replace else 1):
                 j = (int(i) + attempt) % len(self.paths)
                 try:
-                    x[k] = load_train(self._path(j), s, rng) if self.train else load_val(self._path(j), s)
+                    x[k] = (load_train(self._path(j), s, rng, reduced=self.reduced) if self.train
+                            else load_val(self._path(j), s))
                     break
                 except Exception as e:  # noqa: BLE001 (any decoder error: corrupt, truncated, not an image)
                     error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -365,16 +374,18 @@ def _resize(a, h, w):
     return y[0].numpy()
 
 
-def load_train(path, size, rng):
+def load_train(path, size, rng, *, reduced=False):
     """RandomResizedCrop(size) of the image at `path` (the draws from `rng`), uint8 (3, size, size):
-    the crop box cut out, then resized, as torchvision's resized_crop does (the box's edge pixels see
-    nothing outside it). When a reduced DCT size (1/s) still has ≥ size pixels across the box, the box
-    is cut from that decode, its edges at the nearest pixel of the 1/s grid (an approximation:
-    torchvision decodes at full size)."""
+    the image decoded at full size (as torchvision), the crop box cut out, then resized, as
+    torchvision's resized_crop does (the box's edge pixels see nothing outside it). With `reduced`,
+    when a reduced DCT size (1/s) still has ≥ size pixels across the box, the box is cut from that
+    decode, its edges at the nearest pixel of the 1/s grid (faster; an approximation of the official
+    pixels)."""
     with _open(path) as im:
         width, height = im.size
         top, left, h, w = crop_params(height, width, rng)
-        a, f = _pixels(im, (math.ceil(width * size / w), math.ceil(height * size / h)))
+        want = (math.ceil(width * size / w), math.ceil(height * size / h)) if reduced else None
+        a, f = _pixels(im, want)
         if f != 1.0:
             top, left, bottom, right = round(top * f), round(left * f), round((top + h) * f), round((left + w) * f)
             top, left, h, w = top, left, bottom - top, right - left

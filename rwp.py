@@ -44,7 +44,8 @@ Modes (chosen at construction; the runner reads ``batches_per_step`` and ``rank_
         ``batches_per_step == 1``, ``rank_group == (rank % 2, 2)``: the two rank groups read the
         data independently, so the terms see different batches. Odd N raises ValueError. With one
         process (not initialised, or world size 1) parallel=True falls back to the sequential
-        two-batch mode with a warning (the official script silently trains plain SGD there).
+        two-batch mode with a warning (the official scripts, launched as their recipes do, run one
+        process as rank 0, a clean rank: plain SGD, silently; see below).
     A closure returns (outputs, loss) or the loss alone; step returns that value of the clean pass (at θ),
     detached. Where a
     process runs no clean pass (α=1; perturbed ranks in parallel mode) it returns the perturbed
@@ -73,7 +74,11 @@ Verified in the official code (behaviour, not code, carried over):
     W.view(out, -1); 1-D tensors N(0, (γ(‖p‖+1e-16))²); every parameter is perturbed, the weights
     go back before ``optimizer.step()``; weight decay acts in the base step at θ only.
   * Parallel RWP (nblt/RWP train_rwp_parallel.py): rank % 2 == 1 perturbs and scales its loss by
-    2α, the other ranks scale the clean loss by 2(1−α), DDP averages. One GPU = plain SGD (not here).
+    2α, the other ranks scale the clean loss by 2(1−α), DDP averages. One GPU = plain SGD (not here)
+    where the one process is rank 0: train_rwp_parallel.py under its launcher, train_rwp_imagenet.py
+    with its recipe's flags (--multiprocessing-distributed --world-size 1 --rank 0). Run without
+    --multiprocessing-distributed, train_rwp_imagenet.py keeps --rank -1 and (−1) % 2 == 1 makes its
+    one process a perturbed rank: every step the perturbed gradient alone, weighted 2α.
   * Epoch accounting: both official scripts double ``epochs`` and step CosineAnnealingLR(T_max =
     2·epochs) once per loader pass, where a loader pass is half a nominal epoch of optimizer steps
     (DistributedSampler halves the data per rank; train_marwp.py consumes two loader batches per

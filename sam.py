@@ -22,7 +22,18 @@ no ``model`` the rule falls back to "tensors with ≥ 2 dims are weights". A par
 m-sharpness (SAM paper, Section 4.1): ε̂ computed per sub-batch of m examples and the perturbed
 gradients averaged; see ``step(closure, parts=K)``. In the SAM code this is what data parallelism
 does (each accelerator perturbs with its own sub-batch gradient; google-research/sam at dae9904,
-sam_jax/training_utils/flax_training.py, ``sync_perturbations`` False by default).
+sam_jax/training_utils/flax_training.py, ``sync_perturbations`` False by default). BatchNorm running
+statistics then get one update per step, the sub-batches' results averaged, as the accelerators'
+running averages are averaged there (``step``'s docstring).
+
+Random draws (``shared_draws=True``): the SAM code runs both passes of a step under one PRNG key, so
+the perturbed pass sees the clean pass's dropout masks and Shake-Shake forward gates, and its ascent
+pass asks Shake-Shake for the true gradient (backward through the forward gate; google-research/sam
+at dae9904, flax_training.py ``forward_and_loss(m, true_gradient=True)``, models/utils.py
+``shake_shake_train``). Here: torch's RNG state (CPU and the parameters' CUDA devices) is saved before
+each clean pass and put back before its perturbed pass, and modules with a ``true_gradient``
+attribute (models.samwrn.ShakeShakeBlock) have it set during the clean pass. Off (default): every pass
+draws afresh.
 
 δ = 1e-12 keeps the step free of host syncs (no branch on ‖g‖ = 0) and makes ρ = 0 give ε̂ = 0
 exactly, so ρ = 0 reproduces the base optimizer bit for bit (parameters always; BatchNorm
@@ -78,6 +89,8 @@ class SAM(torch.optim.Optimizer):
         no_sync: optional factory of a context manager in which the clean pass runs without
             gradient all-reduce (e.g. ``ddp_model.no_sync``). Default: ``model.no_sync`` if the
             model has it, else none.
+        shared_draws: the perturbed pass replays the clean pass's random draws and Shake-Shake's
+            clean pass takes the true gradient, as the SAM code (module docstring); default off.
         **kwargs: passed to ``base_optimizer`` (momentum, nesterov, weight_decay, ...).
 
     ``outputs, loss = opt.step(closure)`` returns what the clean pass's closure returned, detached:
@@ -88,12 +101,14 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=None, /, rho=0.05, base_optimizer=None, *, adaptive=False,
-                 eta=0.01, bn_update=None, model=None, no_sync=None, **kwargs):
+                 eta=0.01, bn_update=None, model=None, no_sync=None, shared_draws=False, **kwargs):
         lr, base_optimizer = _lr_and_base("SAM", lr, base_optimizer, kwargs)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+        if not isinstance(shared_draws, bool):
+            raise ValueError(f"shared_draws must be True or False, got {shared_draws!r}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -123,6 +138,8 @@ class SAM(torch.optim.Optimizer):
             b for m in model.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)]
         self._backup = {}  # p → persistent copy of θ (scratch, never in state_dict)
         self._bn_backup = None  # persistent copies of BN buffers (scratch)
+        self.shared_draws = shared_draws
+        self._true_gradient = [] if model is None else [m for m in model.modules() if hasattr(m, "true_gradient")]
         self._perturbed = None  # list of params moved by perturb(), None when at θ
 
     def add_param_group(self, param_group):
@@ -242,6 +259,13 @@ class SAM(torch.optim.Optimizer):
 
         (each ε̂_i from its own sub-batch, as each accelerator of the SAM code does), then the base
         step with g. Returns (outputs of all clean passes concatenated, Σ (n_i/B) L_i).
+        BatchNorm running statistics (with ``model=``) get ONE update per step, as in the SAM code:
+        every sub-batch's passes start from the step's statistics r₀ and leave r_i (under
+        bn_update='clean': r_i = (1−μ)·r₀ + μ·s_i from sub-batch i's batch statistics s_i), and the
+        step ends with r = Σ_i (n_i/B)·r_i = (1−μ)·r₀ + μ·mean_i s_i — what each accelerator's own
+        running average, averaged over the accelerators as the SAM code's evaluation and checkpoint
+        do (``pmean`` / mean of the model state), holds; not K updates in sequence (momentum 1−(1−μ)^K).
+        Integer buffers (``num_batches_tracked``) count one update.
         K = 1 is the plain step above, exactly."""
         if closure is None:
             raise ValueError("closure is required: SAM needs two forward-backward passes "
@@ -250,9 +274,11 @@ class SAM(torch.optim.Optimizer):
         if parts > 1:
             return self._step_parts(closure, parts)
         sync_off = self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
-        with torch.enable_grad(), sync_off:  # clean pass at θ: this rank's own gradient
+        draws = self._save_draws()
+        with torch.enable_grad(), sync_off, self._ascent_pass():  # clean pass at θ: this rank's own gradient
             result = closure()
         self.perturb()
+        self._replay_draws(draws)
         with torch.enable_grad():  # perturbed pass at θ + ε̂ (all-reduced under DDP)
             closure()
         self.restore()
@@ -265,13 +291,18 @@ class SAM(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         acc = None  # Σ_{j<i} of the perturbed passes' gradients, per parameter with a gradient
         results = []
+        bn = _BnAverage(self._bn_buffers, self._bn_scratch()) if self._bn_buffers else None
         for i in range(parts):
             last = i == parts - 1
+            if bn is not None and i > 0:
+                bn.start_part()  # BN buffers back to the step's r₀
             self.zero_grad(set_to_none=True)
             sync_off = self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
-            with torch.enable_grad(), sync_off:  # clean pass on sub-batch i: g_i at θ
+            draws = self._save_draws()
+            with torch.enable_grad(), sync_off, self._ascent_pass():  # clean pass on sub-batch i: g_i at θ
                 results.append(_detached(closure(part=i)))
             self.perturb()  # θ + ε̂_i
+            self._replay_draws(draws)
             with torch.no_grad():
                 ps = [p for p in params if p.grad is not None]
                 if acc is None:
@@ -282,12 +313,16 @@ class SAM(torch.optim.Optimizer):
             with torch.enable_grad(), sync:  # perturbed pass: .grad += ∇[(n_i/B) L_i](θ + ε̂_i)
                 closure(part=i)
             self.restore()
+            if bn is not None:
+                bn.add(len(results[-1][0]))  # r_i, weighted by the sub-batch's size n_i
             if not last:
                 with torch.no_grad():
                     ps = [p for p in params if p.grad is not None]
                     if acc is None:
                         acc = self._acc_buffers(ps)
                     torch._foreach_copy_([acc[p] for p in ps], [p.grad for p in ps])
+        if bn is not None:
+            bn.finish()  # r = Σ (n_i/B) r_i
         self.base_step()
         outputs = torch.cat([r[0] for r in results])
         sizes = [len(r[0]) for r in results]
@@ -304,6 +339,40 @@ class SAM(torch.optim.Optimizer):
                 self._acc[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return self._acc
 
+    def _save_draws(self):
+        """With shared_draws: the RNG states (CPU, and each CUDA device holding parameters) before a
+        clean pass; else None. (Host-side generator state: no device sync.)"""
+        if not self.shared_draws:
+            return None
+        devices = sorted({p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda})
+        return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+    def _replay_draws(self, draws):
+        """The perturbed pass draws what the clean pass drew (the SAM code's one key per step)."""
+        if draws is not None:
+            torch.set_rng_state(draws[0])
+            for d, state in draws[1]:
+                torch.cuda.set_rng_state(state, d)
+
+    @contextlib.contextmanager
+    def _ascent_pass(self):
+        """With shared_draws: modules' ``true_gradient`` on during the clean (ascent) pass."""
+        modules = self._true_gradient if self.shared_draws else []
+        for m in modules:
+            m.true_gradient = True
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.true_gradient = False
+
+    def _bn_scratch(self):
+        """Persistent (r₀ copy, weighted sum) buffers for the BN average of m-sharpness (scratch)."""
+        if getattr(self, "_bn_avg", None) is None:
+            self._bn_avg = ([torch.empty_like(b) for b in self._bn_buffers],
+                            [torch.empty_like(b) for b in self._bn_buffers if b.is_floating_point()])
+        return self._bn_avg
+
     def state_dict(self):
         return self.base_optimizer.state_dict()
 
@@ -311,6 +380,36 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+
+class _BnAverage:
+    """One m-sharpness step's BatchNorm statistics: r₀ saved at the start, each sub-batch's result r_i
+    added with weight n_i (floating buffers; integer ones keep the last sub-batch's value, r₀ + its
+    count), and r = Σ n_i·r_i / Σ n_i written back at the end. No host sync (weights are Python ints)."""
+
+    def __init__(self, buffers, scratch):
+        self.buffers, (self.start, self.sums) = buffers, scratch
+        self.floats = [b for b in buffers if b.is_floating_point()]
+        self.total = 0
+        with torch.no_grad():
+            torch._foreach_copy_(self.start, buffers)
+            torch._foreach_zero_(self.sums)
+
+    @torch.no_grad()
+    def start_part(self):
+        torch._foreach_copy_(self.buffers, self.start)
+
+    @torch.no_grad()
+    def add(self, n):
+        if self.floats:
+            torch._foreach_add_(self.sums, self.floats, alpha=n)
+        self.total += n
+
+    @torch.no_grad()
+    def finish(self):
+        if self.floats:
+            torch._foreach_div_(self.sums, float(self.total))
+            torch._foreach_copy_(self.floats, self.sums)
 
 
 def _lr_and_base(name, lr, base_optimizer, kwargs):

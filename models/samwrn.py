@@ -35,8 +35,10 @@ Remaining differences (documented, not reproducible in PyTorch's layers): flax B
 batch variance in its running average, PyTorch the unbiased one (a factor n/(n−1), n = batch·H·W
 ≥ 12,544 here, so < 1e-4 relative). In the SAM code both SAM passes of one step share the
 step's random key, so shake-shake draws the same forward gates in both passes, and the first
-(ascent) pass uses them for the backward pass too (`true_gradient=True`); here every forward pass
-draws fresh gates (α, β) from torch's RNG.
+(ascent) pass uses them for the backward pass too (`true_gradient=True`, added at commit c2b0a5f).
+Here every forward pass draws fresh gates (α, β) from torch's RNG unless SAM runs with
+`shared_draws=True` (`--sam_shared_draws`): then the perturbed pass replays the clean pass's draws and
+the clean pass sets `ShakeShakeBlock.true_gradient`, as the SAM code does.
 """
 import math
 
@@ -134,14 +136,17 @@ class SamWideResNet(nn.Module):
         return self.head(self.blocks(self.init_conv(x)))
 
 
-def shake_shake(a, b, training):
+def shake_shake(a, b, training, true_gradient=False):
     """Per-sample mix of the two branches: value α·a + (1−α)·b, gradient β (to a) and 1−β (to b),
-    α, β ~ U(0,1) independent (training); (a + b)/2 in evaluation."""
+    α, β ~ U(0,1) independent (training); with `true_gradient` the gradient is α and 1−α (β is still
+    drawn, so the draws that follow do not depend on it); (a + b)/2 in evaluation."""
     if not training:
         return (a + b) * 0.5
     shape = (a.shape[0], 1, 1, 1)
     alpha = torch.rand(shape, device=a.device, dtype=a.dtype)  # forward gate
     beta = torch.rand(shape, device=a.device, dtype=a.dtype)  # backward gate
+    if true_gradient:
+        return b + alpha * (a - b)
     backward = b + beta * (a - b)
     return backward + ((alpha - beta) * (a - b)).detach()  # value: b + α (a − b)
 
@@ -177,9 +182,11 @@ class ShakeShakeBlock(nn.Module):
                                  SameConv2d(cout, cout, 3), nn.BatchNorm2d(cout))
         self.branch_a, self.branch_b = branch(), branch()
         self.shortcut = ShakeShortcut(cin, cout, stride)
+        self.true_gradient = False  # set by SAM(shared_draws=True) during its ascent pass
 
     def forward(self, x):
-        return self.shortcut(x) + shake_shake(self.branch_a(x), self.branch_b(x), self.training)
+        return self.shortcut(x) + shake_shake(self.branch_a(x), self.branch_b(x), self.training,
+                                              self.true_gradient)
 
 
 class ShakeShakeWRN(nn.Module):

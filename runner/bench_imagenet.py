@@ -102,6 +102,22 @@ def _decode_stages(files, size, repeats):
     return best
 
 
+def _reduced_difference(files, size):
+    """--reduced_decode against the full-size decode, same crop draws (seed i for file i): how many
+    crops change, their mean absolute pixel difference (levels, over the changed crops) and the max."""
+    import random
+    import numpy as np
+    import data_folder
+    changed, total, worst = 0, 0.0, 0
+    for i, f in enumerate(files):
+        full = data_folder.load_train(f, size, random.Random(i)).astype(np.int16)
+        diff = np.abs(data_folder.load_train(f, size, random.Random(i), reduced=True).astype(np.int16) - full)
+        if diff.any():
+            changed, total, worst = changed + 1, total + float(diff.mean()), max(worst, int(diff.max()))
+    return dict(crops=len(files), crops_changed=changed, mean_abs_diff=round(total / changed, 3) if changed else 0.0,
+                max_abs_diff=worst)
+
+
 def bench_imagenet_pipeline(argv):
     """Per-core rates (one process, one thread, no DataLoader: the work one worker does per batch) of
     ours (decode + crop + resize to uint8 batches; flip and normalisation run on the device) and the
@@ -139,6 +155,8 @@ def bench_imagenet_pipeline(argv):
         batches = [order[i:i + bs] for i in range(0, n, bs)]
         ours = {"train": data_folder._Batches(folder.train[0], folder.train[1], folder.train[2], batches, size,
                                               train=True, replace=True, base=1, flip=True),
+                "train_reduced": data_folder._Batches(folder.train[0], folder.train[1], folder.train[2], batches,
+                                                      size, train=True, replace=True, base=1, flip=True, reduced=True),
                 "val": data_folder._Batches(folder.val[0], folder.val[1], folder.val[2],
                                             [np.arange(len(folder.val[1]))[i:i + bs]
                                              for i in range(0, len(folder.val[1]), bs)], size, train=False,
@@ -154,6 +172,9 @@ def bench_imagenet_pipeline(argv):
             ds = ours[split]
             return sum(counted(ds[b]) for b in range(len(ds)))
 
+        def run_reduced(split):  # --reduced_decode (training only; validation is always full size)
+            return run_ours(split + "_reduced")
+
         def run_official(split):
             ds, count = official[split], 0
             for i in range(0, len(ds), bs):
@@ -167,20 +188,24 @@ def bench_imagenet_pipeline(argv):
         def loader_official(split):
             return sum(len(y) for _, y in DataLoader(official[split], batch_size=bs, num_workers=1))
 
-        sides = {"ours": run_ours, "official": run_official}
-        loaders = {"ours": loader_ours, "official": loader_official}
+        sides = {"ours": run_ours, "official": run_official, "ours_reduced": run_reduced}
+        def loader_reduced(split):
+            return loader_ours(split + "_reduced")
+
+        loaders = {"ours": loader_ours, "official": loader_official, "ours_reduced": loader_reduced}
         results = {}
         load_start = list(os.getloadavg())
         for label, fns in (("in_process", sides), ("dataloader_1_worker", loaders)):
             for split in ("train", "val"):
-                rates = {k: [] for k in fns}
+                names = [k for k in fns if split == "train" or k != "ours_reduced"]
+                rates = {k: [] for k in names}
                 for r in range(args.repeats):
-                    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):  # alternate who goes first
+                    for name in (names if r % 2 == 0 else names[::-1]):  # alternate who goes first
                         t0 = time.perf_counter()
                         try:
                             count = fns[name](split)
                         except Exception as e:  # (the official pipeline has no answer to a bad file)
-                            if name == "ours":
+                            if name != "official":
                                 raise
                             raise UsageError(f"--data_dir: the official pipeline (torchvision ImageFolder) cannot "
                                              f"read a file of {root} ({type(e).__name__}: "
@@ -189,14 +214,19 @@ def bench_imagenet_pipeline(argv):
                         rates[name].append(count / (time.perf_counter() - t0))
                 results[f"{label}/{split}"] = {k: statistics.median(v) for k, v in rates.items()} | {
                     "all": rates, "speedup": statistics.median(a / b for a, b in zip(rates["ours"], rates["official"]))}
+                if "ours_reduced" in rates:  # the speed option against our full-size decode, same rounds
+                    results[f"{label}/{split}"]["reduced_speedup"] = statistics.median(
+                        a / b for a, b in zip(rates["ours_reduced"], rates["ours"]))
         stages = _decode_stages(files[:200], size, args.repeats)
+        reduced = _reduced_difference(files[:200], size)
         report = dict(bench="bench.py imagenet_pipeline", date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       command=" ".join(["python", "bench.py", "imagenet_pipeline", *argv]),
                       device=device_name(torch.device("cpu")), cpus=os.cpu_count(), torch=torch.__version__,
                       pillow=__import__("PIL").__version__, images=n, mean_file_kb=round(mean_kb, 1),
                       image=f"{args.width}x{args.height} q{args.quality}" if args.data_dir is None else args.data_dir,
                       image_size=size, batch_size=bs, repeats=args.repeats, loadavg_start=load_start,
-                      loadavg_end=list(os.getloadavg()), results=results, stages_ms=stages)
+                      loadavg_end=list(os.getloadavg()), results=results, stages_ms=stages,
+                      reduced_decode=reduced)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -209,6 +239,11 @@ def bench_imagenet_pipeline(argv):
         lines.append(f"| {label.replace('_', ' ')} | {split} | {r['ours']:.0f} | {r['official']:.0f} | {r['speedup']:.2f} |")
     lines.append(f"(median of {args.repeats} interleaved rounds; in process = one core, one thread; "
                  "ours / official = median of the per-round ratios)")
+    lines.append("--reduced_decode (training crops): " + ", ".join(
+        f"{label.replace('_', ' ')} {results[label + '/train']['ours_reduced']:.0f} img/s, "
+        f"{results[label + '/train']['reduced_speedup']:.2f}x the full-size decode" for label in ("in_process", "dataloader_1_worker"))
+        + f"; pixels vs the full-size decode: {reduced['crops_changed']} of {reduced['crops']} crops differ, "
+          f"mean |diff| {reduced['mean_abs_diff']:.2f} levels over those, max {reduced['max_abs_diff']}")
     lines.append("per training image, ms (best of the rounds): " + ", ".join(
         f"{k.replace('_', ' ').replace('one eighth', '1/8 DCT scale')} {v:.3f}" for k, v in stages.items()))
     print("\n".join(lines), flush=True)

@@ -22,6 +22,7 @@ class Config:
     dataset: str = "cifar10"          # cifar10 | cifar100 | svhn | fashionmnist | synthetic | imagenet
     data_dir: str = "data"            # dataset folder (Fashion-MNIST also: flat idx files; imagenet: train/ val/)
     image_size: int = 224             # imagenet: train RandomResizedCrop side; val Resize(side·256/224) + CenterCrop
+    reduced_decode: bool = False      # imagenet training: JPEG decode at reduced DCT size when the crop allows (faster; not the official pixels)
     download: bool = False            # let torchvision download the dataset
     train_size: int = 0               # use only the first N training samples (0 = all; imagenet: N spread evenly over the sorted files)
     test_size: int = 0                # use only the first N test samples (0 = all; imagenet: as train_size)
@@ -75,6 +76,7 @@ class Config:
     adaptive_eta: float = 0.01        # η of ASAM's T = |w| + η
     asam_all_params: bool = False     # ASAM's T on every parameter (davda54/sam), not only weights (ASAM code)
     sam_m: int = 0                    # m-sharpness: ε̂ per sub-batch of m examples, gradients averaged (0 = batch)
+    sam_shared_draws: bool = False    # SAM/ASAM: perturbed pass replays the clean pass's random draws (dropout, shake-shake gates; SAM code)
     bn_update: str = "auto"           # BN running stats: auto (the paper's) | all passes | clean pass
     # runtime
     seed: int = 0                     # seeds init, shuffling, augmentation, noise
@@ -228,6 +230,8 @@ def _validate(cfg: Config, new: bool = True):
                          f"padding); leave it at its default, {FIELDS[padding[0]].default!r}")
     if new and cfg.image_size > 1024:
         raise UsageError(f"image_size: {cfg.image_size} is out of range (must be ≥ 8 and ≤ 1024)")
+    if new and cfg.dataset != "imagenet" and cfg.reduced_decode:
+        raise UsageError(f"reduced_decode: only for imagenet (folder datasets); {cfg.dataset} is not decoded from files")
     if new and cfg.dataset != "imagenet" and cfg.image_size != FIELDS["image_size"].default:
         raise UsageError(f"image_size: only for imagenet (folder datasets); {cfg.dataset} has "
                          f"{DATASETS[cfg.dataset].size}-pixel images")

@@ -58,7 +58,7 @@ def _make_optimizer(cfg, model, world_size, params, base, bn, no_sync):
                    gamma_final=cfg.gamma_final, **bn, **base)
     from sam import SAM
     return SAM(params, rho=cfg.rho, base_optimizer=torch.optim.SGD, adaptive=cfg.optimizer == "asam",
-               eta=cfg.adaptive_eta, model=model, no_sync=no_sync, **bn, **base)
+               eta=cfg.adaptive_eta, model=model, no_sync=no_sync, shared_draws=cfg.sam_shared_draws, **bn, **base)
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -268,7 +268,8 @@ class Trainer:
             self.loaders = [data_folder.FolderTrainLoader(
                 self.folder, cfg.batch_size, cfg.image_size, self.aug, device=self.device, seed=cfg.seed,
                 stream=group * per_step + i, shard=self.rank // groups, num_shards=self.world // groups,
-                workers=cfg.workers, random_crop=cfg.augment, flip=cfg.augment and cfg.flip) for i in range(per_step)]
+                workers=cfg.workers, random_crop=cfg.augment, flip=cfg.augment and cfg.flip,
+                reduced_decode=cfg.reduced_decode) for i in range(per_step)]
         else:
             self.loaders = [data_utils.TrainLoader(
                 xtr, ytr, cfg.batch_size, self.aug, device=self.device, seed=cfg.seed,

@@ -1,5 +1,6 @@
 """The SAM paper's setting: its models (google-research/sam sam_jax/models at dae9904), label smoothing,
 weight decay inside the loss, dropping the last partial batch, m-sharpness, and davda54/sam's ASAM."""
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import data_utils
 from models import build_model, count_parameters
-from models.samwrn import SameConv2d, SamWideBlock, ShakeShakeBlock, ShakeShortcut, shake_shake
+from models.samwrn import SameConv2d, SamWideBlock, ShakeShakeBlock, ShakeShakeWRN, ShakeShortcut, shake_shake
 from runner.config import UsageError, parse_config
 from runner.training import make_closure
 from sam import SAM
@@ -91,6 +92,84 @@ def test_shake_shake_gates():
     assert torch.allclose(a.grad, beta.expand_as(a)) and torch.allclose(b.grad, (1 - beta).expand_as(b))
     assert not torch.allclose(alpha, beta)
     assert torch.equal(shake_shake(a, b, False), (a + b) * 0.5)
+    a.grad = b.grad = None  # true_gradient (the SAM code's ascent pass): gradient α and 1−α, same draws
+    torch.manual_seed(1)
+    out = shake_shake(a, b, True, true_gradient=True)
+    assert torch.allclose(out, alpha * a + (1 - alpha) * b, atol=1e-6)
+    out.sum().backward()
+    assert torch.allclose(a.grad, alpha.expand_as(a)) and torch.allclose(b.grad, (1 - alpha).expand_as(b))
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    torch.rand(10)  # α and β: β is drawn all the same, so the draws after it do not depend on the flag
+    assert torch.equal(after, torch.rand(3))
+
+
+def recording_closure(block, log):
+    """A closure that logs (a draw from torch's RNG, the block's true_gradient flag) per call."""
+    def closure(part=None):
+        log.append((torch.rand(4), block.true_gradient))
+        loss = 0 * sum(p.sum() for p in block.parameters())
+        loss.backward()
+        return torch.zeros(2, 3), loss.detach()
+    return closure
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sam_shared_draws_replays_the_clean_pass(shared):
+    """shared_draws (the SAM code's one PRNG key per step): the perturbed pass draws what the clean pass
+    drew and only the clean pass has true_gradient; the RNG then stands where ONE pass leaves it.
+    Off: fresh draws in every pass. The same per sub-batch with m-sharpness."""
+    block = ShakeShakeBlock(2, 2, 1)
+    opt = SAM(list(block.parameters()), lr=0.1, rho=0.05, model=block, shared_draws=shared)
+    for parts in (1, 3):
+        log = []
+        torch.manual_seed(7)
+        opt.step(recording_closure(block, log), parts=parts)
+        after = torch.rand(4)
+        assert len(log) == 2 * parts
+        for i in range(parts):
+            (clean, flag_c), (perturbed, flag_p) = log[2 * i], log[2 * i + 1]
+            assert torch.equal(clean, perturbed) == shared and (flag_c, flag_p) == (shared, False)
+        assert not torch.equal(log[0][0], log[-1][0]) if parts > 1 else True  # each sub-batch its own draws
+        torch.manual_seed(7)
+        expected = [torch.rand(4) for _ in range(parts if shared else 2 * parts)]
+        assert torch.equal(after, torch.rand(4)) and all(torch.equal(e, c) for e, c in zip(expected, [
+            d for d, _ in (log[::2] if shared else log)]))
+    assert block.true_gradient is False
+
+
+def test_sam_shared_draws_step_matches_a_plain_reference_loop():
+    """One SAM step on the SAM code's Shake-Shake (tiny: 1 block a group, width 1) with shared_draws
+    equals a plain loop: ascent gradient with true_gradient at θ, ε̂ = ρ g/‖g‖, the SAME gates (RNG put
+    back) at θ+ε̂ with shake-shake's β, SGD at θ with that gradient."""
+    x, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(0)
+    net = ShakeShakeWRN(1, 1, 3)
+    ref = copy.deepcopy(net)
+    opt = SAM(list(net.parameters()), lr=0.1, rho=0.05, model=net, shared_draws=True)
+    torch.manual_seed(11)
+    opt.step(make_closure(opt, net, list(net.parameters()), [(x, y)]))
+    torch.manual_seed(11)
+    blocks = [m for m in ref.modules() if isinstance(m, ShakeShakeBlock)]
+    params = list(ref.parameters())
+    state = torch.get_rng_state()
+    for m in blocks:
+        m.true_gradient = True
+    g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    for m in blocks:
+        m.true_gradient = False
+    norm = torch.sqrt(sum(gi.square().sum() for gi in g))
+    eps = [0.05 * gi / (norm + 1e-12) for gi in g]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    torch.set_rng_state(state)
+    gp = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    with torch.no_grad():
+        for p, e, gi in zip(params, eps, gp):
+            p.sub_(e).sub_(0.1 * gi)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_shake_shortcut_is_gastaldis():
@@ -172,6 +251,11 @@ def test_trainer_passes_the_new_fields(tmp_path):
     cfg, _ = parse_config(["--optimizer", "asam", "--weight_decay_in_loss", "--asam_all_params", "--adaptive_eta", "0"])
     opt = build_optimizer(cfg, model, 1)
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[0]["adaptive_all"]
+    assert not opt.shared_draws
+    cfg, _ = parse_config(["--optimizer", "sam", "--model", "sam_shakeshake26_2x96d", "--sam_shared_draws"])
+    with torch.device("meta"):
+        opt = build_optimizer(cfg, models.build_model(cfg.model, 10), 1)
+    assert opt.shared_draws and len(opt._true_gradient) == 12  # the 12 Shake-Shake blocks
 
 
 def test_drop_last():
@@ -329,3 +413,57 @@ def test_davda54_label_smoothing_is_pytorchs_at_ten_ninths():
     g1, = torch.autograd.grad(theirs, logits)
     g2, = torch.autograd.grad(F.cross_entropy(logits, y, label_smoothing=0.1 * 10 / 9), logits)
     assert torch.allclose(g1, g2, atol=1e-7)
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("m", [4, 5])
+def test_m_sharpness_bn_statistics_are_the_replicas_average(m):
+    """google-research/sam (flax_training.py): each accelerator keeps its own BN running average,
+    updated once a step from its own sub-batch (clean pass), and evaluation / checkpoints use their
+    mean (pmean of the model state). Plain reference: one replica per sub-batch, each a PyTorch BN
+    updated from its sub-batch at the step's θ; their mean (weighted n_i/B) is our model's BN state."""
+    net = bn_net()
+    params = list(net.parameters())
+    opt = SAM(params, lr=0.1, rho=0.05, momentum=0.9, model=net)
+    n, steps = 12, 3
+    sizes = [len(range(i, min(i + m, n))) for i in range(0, n, m)]
+    replicas = [{k: v.clone() for k, v in net[1].state_dict().items()} for _ in sizes]
+    for s in range(steps):
+        x, y = tiny_batch(n=n, seed=s)
+        ref = bn_net()
+        ref.load_state_dict(net.state_dict())  # θ of this step
+        ref.train()
+        for i, state in enumerate(replicas):  # replica i: its own running stats, its own sub-batch
+            ref[1].load_state_dict(state)
+            with torch.no_grad():
+                ref(x[i * m:(i + 1) * m])
+            replicas[i] = {k: v.clone() for k, v in ref[1].state_dict().items()}
+        opt.step(make_closure(opt, net, params, [(x, y)], part_size=m))
+        for key in ("running_mean", "running_var"):
+            mean = sum(r[key] * (k / n) for r, k in zip(replicas, sizes))
+            assert torch.allclose(net[1].state_dict()[key], mean, atol=1e-6, rtol=1e-6), (s, key)
+        assert int(net[1].num_batches_tracked) == s + 1  # one update per step
+    # K updates in sequence (the former behaviour) would be another state: the test can tell
+    seq = bn_net()
+    seq.load_state_dict(bn_net().state_dict())
+    with torch.no_grad():
+        for i in range(0, n, m):
+            seq(tiny_batch(n=n, seed=0)[0][i:i + m])
+    first = bn_net()
+    opt1 = SAM(list(first.parameters()), lr=0.1, rho=0.05, momentum=0.9, model=first)
+    x, y = tiny_batch(n=n, seed=0)
+    opt1.step(make_closure(opt1, first, list(first.parameters()), [(x, y)], part_size=m))
+    assert not torch.allclose(first[1].running_mean, seq[1].running_mean, atol=1e-3)
+
+
+def test_m_sharpness_bn_average_has_no_host_sync(no_host_sync):
+    net = bn_net()
+    params = list(net.parameters())
+    opt = SAM(params, lr=0.1, rho=0.05, momentum=0.9, model=net)
+    closure = make_closure(opt, net, params, [tiny_batch()], part_size=5)
+    with no_host_sync():
+        opt.step(closure)
