@@ -265,3 +265,74 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     md = (tmp_path / "bad.md").read_text()
     assert "0 finished, 0 running, 0 stopped, 1 failed, 0 not started" in md
     assert f"- {failed}: exit 2 before the run began; see slurm.err" in md
+
+
+# ----------------------------------------------------------------------------- without a cluster
+
+def recipe_dry_run(name, *args, env=None):
+    return subprocess.run(["bash", os.path.join(ROOT, "recipes", f"{name}.sh"), "--slurm", "--dry-run", *args],
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60)
+
+
+def scripts(stdout):
+    """{file: text} of the batch scripts a dry run prints, and its submit commands."""
+    parts, name = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("# ") and line.endswith(".sbatch"):
+            name = line[2:]
+            parts[name] = []
+        elif line.startswith("# submit"):
+            name = "submit"
+            parts[name] = []
+        elif name:
+            parts[name].append(line)
+    return {k: "\n".join(v) for k, v in parts.items()}
+
+
+def test_slurm_dry_run_prints_an_array_per_launcher_and_the_report_job(tmp_path):
+    out = str(tmp_path / "t")
+    p = recipe_dry_run("rwp_cifar", "--seeds", "0-1", "--max-running", "3", "--data_dir", "/d", "--",
+                       "--partition", "gpu", env={"OUT": out, "LAUNCH": "torchrun --nproc_per_node 2"})
+    assert p.returncode == 0, p.stderr
+    parts = scripts(p.stdout)
+    one, two, rep = (parts[f"{out}/slurm/{f}.sbatch"] for f in ("rows-1", "rows-2", "report"))
+    for text, n, procs in ((one, 20, 1), (two, 16, 2)):  # 10 + 8 rows of configs/rwp, 2 seeds
+        tasks = [line for line in text.splitlines() if line.startswith("  ") and "CMD=(" in line]
+        assert len(tasks) == n and f"#SBATCH --array=0-{n - 1}%3" in text
+        assert f"#SBATCH --gres=gpu:{procs}" in text and f"#SBATCH --cpus-per-task={procs}" in text
+        assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@600" in text
+        assert text.rstrip().endswith('exec bash recipes/slurm_task.sh "$RUN" "${CMD[@]}"')
+        for i, line in enumerate(tasks):  # the command the recipe runs without --slurm
+            row, seed = line.split("--name ")[1].split()[0].rsplit("_s", 1)
+            assert line.startswith(f"  {i}) RUN={out}/{row}_s{seed}; CMD=(")
+            assert (f"main.py --config configs/rwp/{row}.yaml --seed {seed} --out_dir {out} --name {row}_s{seed} "
+                    f"--on_existing resume --data_dir /d) ;;") in line
+            assert ("CMD=(torchrun --nproc_per_node 2 main.py" in line) == (procs == 2) == row.endswith("_rwp")
+    assert f"python report.py {out} --csv {out}.csv --plot {out}.png > {out}.md" in rep
+    assert parts["submit"].splitlines() == [
+        f"ARRAY_1=$(sbatch --parsable --partition gpu {out}/slurm/rows-1.sbatch)",
+        f"ARRAY_2=$(sbatch --parsable --partition gpu {out}/slurm/rows-2.sbatch)",
+        f"sbatch --parsable --partition gpu --dependency=afterany:$ARRAY_1:$ARRAY_2 {out}/slurm/report.sbatch"]
+    assert not os.path.exists(out)  # a dry run writes nothing
+
+
+def test_slurm_mode_of_every_recipe_and_its_errors(tmp_path):
+    for name in ("amp_table_a", "amp_table_b", "rwp_imagenet", "sam_cifar", "sam_fashionmnist", "sam_davda54"):
+        p = recipe_dry_run(name, "--seeds", "0,2", "--gpus-per-process", "0", env={"OUT": str(tmp_path)})
+        text = scripts(p.stdout)[f"{tmp_path}/slurm/rows-1.sbatch"]
+        configs = [c for c in os.listdir(os.path.join(ROOT, "configs", {"amp_table_a": "amp", "amp_table_b": "amp",
+                   "rwp_imagenet": "imagenet", "sam_cifar": "sam", "sam_fashionmnist": "fashionmnist",
+                   "sam_davda54": "davda54"}[name])) if not name.startswith("amp_table") or
+                   c.startswith("table" + name[-1].upper())]
+        assert p.returncode == 0 and text.count("--seed 2 ") == text.count("--seed 0 ") == len(configs), name
+        assert "--gres" not in text and "(no GPUs: --gpus-per-process 0)" in text
+    for args, message in ((["--seeds", "3-1"], "--seeds: 3-1 is not a seed list"),
+                          (["--max-running", "0"], "--max-running: 0 is not a positive whole number"),
+                          (["--gpus-per-process"], "--gpus-per-process needs a value")):
+        p = recipe_dry_run("sam_davda54", *args)
+        assert p.returncode == 2 and p.stderr.startswith(f"sam_davda54.sh: {message}") and p.stderr.count("\n") == 1, p.stderr
+    p = subprocess.run(["bash", os.path.join(ROOT, "recipes", "sam_davda54.sh"), "--dry-run", "--max-running", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "need --slurm" in p.stderr
+    p = recipe_dry_run("sam_davda54", env={"ONLY": "nothing"})
+    assert p.returncode == 2 and "no rows to submit (ONLY=nothing matches no config)" in p.stderr
