@@ -27,6 +27,9 @@ so are malformed folders (a summary.json or metrics.jsonl in a form main.py does
 the reason. A torn last line of metrics.jsonl (a write cut short) is dropped with a note.
 `--plot` draws test error and training loss against epoch, one line per group (mean over its
 completed seeds) with a band spanning min–max over the seeds.
+A folder holding a table submitted with `recipes/X.sh --slurm` (its `slurm/plan.tsv`) also gets the
+state of every planned run, per row: finished, running, stopped, failed, not started
+(runner/table_status.py).
 
 Grouping ignores:
   - always: seed, name, out_dir, resume, on_existing, device, workers, eval_batch_size, compile, channels_last
