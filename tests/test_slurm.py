@@ -240,6 +240,7 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     wait_for(lambda: "started" in log(), "the first attempt to start training")
     assert run_state(str(run))[0] == "running"
     assert slurm(cluster, "scontrol", "requeue", f"{array}_0").returncode == 0
+    wait_for(lambda: run_state(str(run))[0] == "stopped", "the run to save and stop")  # (held ~2 min by SLURM)
     wait_for(lambda: "resumed" in log(), "the second attempt", env=cluster, release=array)
     assert slurm(cluster, "scancel", "--batch", "--signal=USR1", f"{array}_0").returncode == 0
     wait_for(lambda: log().count("resumed") == 2, "the third attempt", env=cluster, release=array)
@@ -336,3 +337,12 @@ def test_slurm_mode_of_every_recipe_and_its_errors(tmp_path):
     assert p.returncode == 2 and "need --slurm" in p.stderr
     p = recipe_dry_run("sam_davda54", env={"ONLY": "nothing"})
     assert p.returncode == 2 and "no rows to submit (ONLY=nothing matches no config)" in p.stderr
+
+
+def test_report_shows_a_submitted_table_that_has_not_started(tmp_path, capsys):
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "plan.tsv").write_text("row_a\t0\nrow_a\t1\nrow_b\t0\n")
+    assert report.main([str(tmp_path)]) == 0  # (no run folders yet: not an error)
+    out = capsys.readouterr().out
+    assert "No completed runs." in out and "0 finished, 0 running, 0 stopped, 0 failed, 3 not started" in out
+    assert "| row_a | – | – | – | – | 0 1 |" in out and "| row_b | – | – | – | – | 0 |" in out
