@@ -3,7 +3,8 @@ installed with apt-get when missing; root needed, else skipped with the reason):
 submits a job array, one task per (row, seed), and the report job after it; a task requeued by SLURM
 (scontrol requeue: SIGTERM) or by itself (USR1 before its time limit) continues its run exactly; a task
 that fails for good is not requeued. The cluster: munged, slurmctld and slurmd with a minimal config
-(2 CPUs, no cgroups: proctrack/linuxproc, task/none), all in a temporary folder, stopped at the end."""
+(2 CPUs, no cgroups: proctrack/linuxproc, task/none; cred_expire=10, so that SLURM starts a requeued
+task again after 11 s instead of 2 minutes), all in a temporary folder, stopped at the end."""
 import json
 import math
 import os
@@ -56,7 +57,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/socket
+AuthInfo=socket={d}/munge/socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/state
@@ -88,8 +89,8 @@ def slurm(env, *args):
 
 
 def _ours(d, conf):
-    """PIDs of live processes of this cluster: its daemons (the folder in their command line) and its jobs
-    (SLURM_CONF in their environment; slurmstepd by name, as no other cluster runs here)."""
+    """PIDs of live processes of this cluster: its daemons (the folder in their command line), its
+    slurmstepd and its jobs (SLURM_CONF in their environment)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -99,8 +100,7 @@ def _ours(d, conf):
                 env = f.read()
         except OSError:
             continue
-        if int(pid) != os.getpid() and (d.encode() in cmd or cmd.startswith(b"slurmstepd")
-                                        or f"SLURM_CONF={conf}".encode() in env.split(b"\0")):
+        if int(pid) != os.getpid() and (d.encode() in cmd or f"SLURM_CONF={conf}".encode() in env.split(b"\0")):
             pids.append(int(pid))
     return pids
 
@@ -169,16 +169,10 @@ def submit(env, out, only, seeds, *args):
     return ids
 
 
-def wait_for(check, what, timeout=600, env=None, release=None):
-    """Poll check() until true; meanwhile start requeued tasks of job `release` now instead of after
-    SLURM's two minutes."""
+def wait_for(check, what, timeout=600):
     start = time.monotonic()
     while not check():
         assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
-        if release:
-            for task in slurm(env, "squeue", "-h", "-j", release, "-t", "PD", "-r", "-o", "%i %r").stdout.split("\n"):
-                if task.endswith("BeginTime"):
-                    slurm(env, "scontrol", "update", f"JobId={task.split()[0]}", "StartTime=now")
         time.sleep(0.3)
 
 
@@ -240,11 +234,11 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     wait_for(lambda: "started" in log(), "the first attempt to start training")
     assert run_state(str(run))[0] == "running"
     assert slurm(cluster, "scontrol", "requeue", f"{array}_0").returncode == 0
-    wait_for(lambda: run_state(str(run))[0] == "stopped", "the run to save and stop")  # (held ~2 min by SLURM)
-    wait_for(lambda: "resumed" in log(), "the second attempt", env=cluster, release=array)
+    wait_for(lambda: run_state(str(run))[0] == "stopped", "the run to save and stop")  # (held 11 s by SLURM)
+    wait_for(lambda: "resumed" in log(), "the second attempt")
     assert slurm(cluster, "scancel", "--batch", "--signal=USR1", f"{array}_0").returncode == 0
-    wait_for(lambda: log().count("resumed") == 2, "the third attempt", env=cluster, release=array)
-    wait_for(ended(cluster, array, rep, *bad), "the jobs", env=cluster, release=array)
+    wait_for(lambda: log().count("resumed") == 2, "the third attempt")
+    wait_for(ended(cluster, array, rep, *bad), "the jobs")
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
 
     text = log()
