@@ -340,3 +340,23 @@ def test_report_shows_a_submitted_table_that_has_not_started(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "No completed runs." in out and "0 finished, 0 running, 0 stopped, 0 failed, 3 not started" in out
     assert "| row_a | – | – | – | – | 0 1 |" in out and "| row_b | – | – | – | – | 0 |" in out
+
+
+def test_a_tasks_logs_stay_with_the_row_when_a_run_without_checkpoint_is_set_aside(tmp_path):
+    """slurm_task.sh makes the run folder for slurm.out/slurm.err before main.py starts: such a folder is
+    one to start in, and a run that stopped before its first checkpoint goes to NAME.failed-1 while the
+    logs (still being written) stay in NAME."""
+    from runner import rundir
+    run = tmp_path / "row_s0"
+    run.mkdir()
+    for name in ("slurm.out", "slurm.err"):
+        (run / name).write_text(f"{name} of attempt 1\n")
+    assert rundir.looks_like_run(str(run)) and rundir.holds_only_lock(str(run))
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "log.txt").write_text("started\n")
+    assert not rundir.holds_only_lock(str(run))
+    with open(run / "slurm.out", "a") as out:  # (the task's open file follows the rename)
+        aside = rundir.set_aside(str(run))
+        out.write("attempt 2\n")
+    assert sorted(os.listdir(aside)) == ["config.yaml", "log.txt"] and rundir.holds_only_lock(str(run))
+    assert (run / "slurm.out").read_text() == "slurm.out of attempt 1\nattempt 2\n"
