@@ -14,6 +14,7 @@
 # Other arguments go to every main.py command, e.g. --data_dir /data/cifar, --download, --precision bf16.
 # SLURM mode (recipes/slurm.sh): one array task per (row, seed), K at a time, G GPUs per process
 # (default 1; 0 on a CPU-only cluster); options after -- go to every sbatch (partition, account, time).
+# It exits 0 once submitted, 1 if sbatch refused a job (its message above); bad recipe options: one line, exit 2.
 #
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
