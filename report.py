@@ -27,6 +27,9 @@ so are malformed folders (a summary.json or metrics.jsonl in a form main.py does
 the reason. A torn last line of metrics.jsonl (a write cut short) is dropped with a note.
 `--plot` draws test error and training loss against epoch, one line per group (mean over its
 completed seeds) with a band spanning min–max over the seeds.
+A folder holding a table submitted with `recipes/X.sh --slurm` (its `slurm/plan.tsv`) also gets the
+state of every planned run, per row: finished, running, stopped, failed, not started
+(runner/table_status.py).
 
 Grouping ignores:
   - always: seed, name, out_dir, resume, on_existing, device, workers, eval_batch_size, compile, channels_last
@@ -54,6 +57,7 @@ import statistics
 import sys
 
 from runner.records import output_problem
+from runner.table_status import find_plans, status_markdown
 
 _DATA_COUNTS, _DATA_NAMES = ("classes", "train_files", "val_files"), ("class_names", "train_names", "val_names")
 IGNORED = {"seed", "name", "out_dir", "resume", "on_existing", "device", "workers", "eval_batch_size", "compile",
@@ -519,12 +523,20 @@ def main(argv=None) -> int:
             kinds = FigureCanvasBase.get_supported_filetypes()
             if ext not in kinds:
                 raise UsageError(f"--plot: matplotlib cannot write .{ext} files; it writes {', '.join(sorted(kinds))}")
-        runs = [Run(p) for p in find_run_dirs(args.paths)]
+        plans = find_plans(args.paths)  # tables submitted with --slurm: their status too
+        try:
+            runs = [Run(p) for p in find_run_dirs(args.paths)]
+        except UsageError:
+            if not plans:
+                raise
+            runs = []  # (nothing has started yet)
     except UsageError as e:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2
     groups, others = summarize(runs)
     sys.stdout.write(markdown(groups, others))
+    for table, planned in plans:
+        sys.stdout.write("\n" + status_markdown(table, planned))
     if args.csv:
         write_csv(args.csv, groups)
     if args.json:

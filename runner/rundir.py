@@ -25,6 +25,9 @@ _held = []          # open lock descriptors of this process (closed by the kerne
 # atomic_write's temporaries of the records main.py writes: NAME.tmp<PID>
 _TMP = re.compile(r"(checkpoint\.pt|summary\.json|config\.yaml|metrics\.jsonl|command\.txt|git_commit\.txt)\.tmp[0-9]+")
 _RECORDS = {"config.yaml", "command.txt", "log.txt", "summary.json", "checkpoint.pt", "metrics.jsonl", LOCK}
+# a SLURM task's stdout and stderr (recipes/slurm_task.sh): it creates the run folder to write them there
+# before main.py starts, and they stay with the row's folder over every attempt of the task
+TASK_LOGS = ("slurm.out", "slurm.err")
 _NAME_MAX = 240     # bytes of a run name: 255 per path component, less room for -N / .failed-N
 
 
@@ -34,7 +37,7 @@ def default_name(cfg: Config) -> str:
 
 def looks_like_run(folder: str) -> bool:
     """Whether a folder holds records of this runner (so it may be locked, resumed or set aside)."""
-    return bool(_RECORDS & set(os.listdir(folder)))
+    return bool((_RECORDS | set(TASK_LOGS)) & set(os.listdir(folder)))
 
 
 def lock(run_dir: str):
@@ -126,13 +129,21 @@ def make_run_dir(cfg: Config, exact: bool = False) -> str:
 
 def set_aside(run_dir: str) -> str:
     """Move a run folder that holds no checkpoint (it stopped before its first one) to
-    run_dir.failed-N, keeping its log; returns the new path."""
+    run_dir.failed-N, keeping its log; returns the new path. A SLURM task's logs (TASK_LOGS) move
+    back into a new run_dir: the task is still writing them, and they belong to the row."""
     n = 1
     while os.path.exists(f"{run_dir}.failed-{n}"):
         n += 1
-    shutil.move(run_dir, f"{run_dir}.failed-{n}")
-    return f"{run_dir}.failed-{n}"
+    aside = f"{run_dir}.failed-{n}"
+    shutil.move(run_dir, aside)
+    logs = [name for name in TASK_LOGS if os.path.exists(os.path.join(aside, name))]
+    if logs:
+        os.mkdir(run_dir)
+        for name in logs:
+            os.replace(os.path.join(aside, name), os.path.join(run_dir, name))
+    return aside
 
 
 def holds_only_lock(run_dir: str) -> bool:
-    return set(os.listdir(run_dir)) <= {LOCK}
+    """Whether the folder holds nothing of a run yet (its lock, a SLURM task's logs)."""
+    return set(os.listdir(run_dir)) <= {LOCK, *TASK_LOGS}
