@@ -98,6 +98,7 @@ def test_python_m_models_lists_the_wrn_rule(capsys, monkeypatch):
     runpy.run_module("models", run_name="__main__")
     out = capsys.readouterr().out
     assert "wrn{depth}_{width}" in out and "depth = 6n+4" in out and out.endswith("TABLE\n")
+    assert "`rwp_wrn{depth}_{width}`" in out and "`sam_wrn{depth}_{width}`" in out  # all three families
     assert "wrn10_2 (the README quick start)" in out and "wrn10_1" in out
 
 
