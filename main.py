@@ -128,6 +128,7 @@ def start_run(cfg: Config, explicit: set, argv):
     log = RunLog(run_dir, rank0)
     if rank0:
         try:
+            rundir.claim(run_dir)
             write_start_records(cfg, run_dir, argv, trainer, world, new=ckpt is None)
         except OSError as e:  # a full disk before the first epoch: nothing to save yet
             print(f"main.py: error: {write_error(e.filename or run_dir, e, 0)}", file=sys.stderr)
@@ -301,6 +302,9 @@ def main(argv=None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print("main.py: interrupted while starting; no checkpoint was written", file=sys.stderr)
         return 128 + signal.SIGINT
+    except rundir.LockLost as e:  # another process may write the folder now: write nothing more
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     except Exception as e:
         from data_utils import DataError
         if not isinstance(e, (UsageError, DataError)):

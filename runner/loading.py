@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 from runner.config import Config, UsageError
-from runner.records import read_checkpoint  # noqa: F401  (also part of this module's API)
+from runner.records import check_config_file, read_checkpoint  # noqa: F401  (also part of this module's API)
 
 
 def load_run(run_dir: str, device="cpu"):
@@ -29,6 +29,7 @@ def load_run_checkpoint(run_dir: str, device="cpu"):
     import data_utils
     import models
     ckpt, cfg = read_checkpoint(run_dir)
+    check_config_file(run_dir, cfg, resume=False)
     info = data_utils.DATASETS[cfg.dataset]
     classes = info.num_classes
     if cfg.dataset == "imagenet":  # the class count came from the train folders: the classifier's rows

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+from runner import rundir
 from runner.config import FIELDS, RESUME_MAY_CHANGE, Config, UsageError, _coerce, _validate
 
 
@@ -26,6 +27,7 @@ def git_commit() -> str:
 def atomic_write(path: str, write):
     """write(file) to a temporary file, fsync, then rename over `path`: readers (and a resume after
     a crash or SIGKILL at any moment) see the old file or the new one, never a half-written one."""
+    rundir.check_held(os.path.dirname(path))  # (a run folder whose lock this process lost: LockLost)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -146,18 +148,21 @@ def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False)
         how = f"torchrun --nproc_per_node {n} main.py" if n > 1 else "python main.py"
         raise UsageError(f"resume: {run_dir} was trained by {n} process(es) and continues only with {n} "
                          f"(the global batch and RWP's mode depend on it): {how} --resume {run_dir}")
-    _check_config_file(run_dir, saved)
+    check_config_file(run_dir, saved)
     return saved, ckpt, None
 
 
-def _check_config_file(run_dir, saved: Config):
-    """The folder's config.yaml must agree with the checkpoint's config (what ran and what a resume
-    continues); a missing or unreadable one is rewritten by the resume."""
+def check_config_file(run_dir, saved: Config, resume: bool = True):
+    """The folder's config.yaml must agree with the checkpoint's config (what ran, what a resume
+    continues and what --evaluate, flatness.py and load_run report on): a checkpoint copied from
+    another run, or an edited config.yaml, is one UsageError. A missing or unreadable config.yaml
+    is not checked (a resume rewrites it)."""
     import yaml
+    from runner.config import _unique_key_loader, shown
     try:
         with open(os.path.join(run_dir, "config.yaml"), "rb") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+            data = yaml.load(f, Loader=_unique_key_loader())
+    except (OSError, yaml.YAMLError, UsageError):
         return
     if not isinstance(data, dict):
         return
@@ -169,10 +174,15 @@ def _check_config_file(run_dir, saved: Config):
                 same = _coerce(k, v) == getattr(saved, k)
             except UsageError:
                 same = False
-            if not same:
-                raise UsageError(f"resume: {run_dir}/config.yaml was edited ({k}: {v!r} there, {getattr(saved, k)!r} "
+            if same:
+                continue
+            if resume:
+                raise UsageError(f"resume: {run_dir}/config.yaml was edited ({k}: {shown(v)} there, {shown(getattr(saved, k))} "
                                  f"in checkpoint.pt, which is what ran and what a resume continues); undo the edit, "
                                  f"or start a new run with that setting")
+            raise UsageError(f"{run_dir}/checkpoint.pt is not the run its config.yaml describes ({k}: "
+                             f"{shown(getattr(saved, k))} in checkpoint.pt, {shown(v)} in config.yaml): copied from "
+                             f"another run, or config.yaml was edited")
 
 
 def finished(run_dir, status="completed") -> bool:
@@ -234,6 +244,7 @@ class RunLog:
 
     def _append(self, name, text, sync=False):
         path = os.path.join(self.run_dir, name)
+        rundir.check_held(self.run_dir)
         try:
             with open(path, "a") as f:
                 f.write(text)
