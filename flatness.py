@@ -417,4 +417,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runner.signals import exit_code
+    sys.exit(exit_code("flatness.py", main))

@@ -221,8 +221,28 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
 
+def _file_size_limit(error: Exception, needed: int):
+    """The process's file-size limit (RLIMIT_FSIZE, `ulimit -f`) in bytes when it explains a failed
+    write of about `needed` bytes (EFBIG "File too large"; torch.save reports it without an errno),
+    else None."""
+    import errno
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    if getattr(error, "errno", None) == errno.EFBIG or (not isinstance(error, OSError) and needed >= limit):
+        return limit
+    return None
+
+
 def write_error(path: str, error: Exception, needed: int) -> str:
-    """One line for a failed write of about `needed` bytes to `path` (disk full, quota, I/O error)."""
+    """One line for a failed write of about `needed` bytes to `path` (disk full, quota, I/O error, the
+    file-size limit: that one is not a disk-space problem, so the free space is not shown)."""
+    limit = _file_size_limit(error, needed)
+    if limit is not None:
+        return (f"cannot write {path} (File too large: this process may write files of at most {limit:,} bytes, "
+                f"its file-size limit, ulimit -f" + (f"; it needs about {needed / 2**20:.1f} MB" if needed else "")
+                + "); raise the limit")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else "write failed"
     try:
         free = shutil.disk_usage(os.path.dirname(path) or ".").free

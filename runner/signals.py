@@ -1,7 +1,9 @@
-"""Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop)."""
+"""Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop); Ctrl-C
+elsewhere in a command is one line and exit 130 (exit_code)."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 
@@ -31,3 +33,13 @@ class _Stop:
 
 
 STOP = _Stop()
+
+
+def exit_code(prog: str, main) -> int:
+    """main()'s exit code, or 130 (128 + SIGINT) with one line on stderr when Ctrl-C interrupts it
+    (a KeyboardInterrupt anywhere: imports, analysis, writing): never a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; files written so far are whole, nothing more was written", file=sys.stderr)
+        return 128 + signal.SIGINT
