@@ -36,11 +36,12 @@ _TMP = re.compile(r"(checkpoint\.pt|summary\.json|config\.yaml|metrics\.jsonl|co
                   r"\.tmp[0-9]+")
 _RECORDS = {"config.yaml", "command.txt", "log.txt", "summary.json", "checkpoint.pt", "metrics.jsonl", LOCK, WRITER}
 
+_NAME_MAX = 240     # bytes of a run name: 255 per path component, less room for -N / .failed-N
+
 
 class LockLost(Exception):
     """The run folder's `.lock` no longer names the file this process locked: another process may
     write the folder, so this one stops without writing anything more (main.py: one line, exit 1)."""
-_NAME_MAX = 240     # bytes of a run name: 255 per path component, less room for -N / .failed-N
 
 
 def default_name(cfg: Config) -> str:
@@ -153,7 +154,7 @@ def check_held(folder: str):
     """LockLost when `folder` is one this process locked and its .lock has been removed or replaced
     since (another file of that name may be locked by another process): called before every write."""
     real = os.path.realpath(folder)
-    for _, where, ident in _held:
+    for _, where, ident in reversed(_held):  # (the latest lock of that path: a folder set aside left one)
         if where != real:
             continue
         try:
@@ -165,6 +166,7 @@ def check_held(folder: str):
             raise LockLost(f"{folder}: its lock file {LOCK} was {'removed' if now is None else 'replaced'} while this "
                            f"run wrote the folder, so another process may be writing it: stopped (failed) and wrote "
                            f"nothing more; make sure no other run writes it, then --resume {folder}")
+        return
 
 
 def release():
