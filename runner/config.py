@@ -284,7 +284,8 @@ def _check_float32(cfg: Config):
     for name in FIELDS:
         v = getattr(cfg, name)
         if _kind(name) in ("float", "optfloat", "list") and name not in NOT_IN_TRAINING:
-            if any(isinstance(x, float) and abs(x) > FLOAT32_MAX for x in (v if isinstance(v, list) else [v])):
+            values = v if isinstance(v, list) else [v]  # (not finite: refused below with its own message)
+            if any(isinstance(x, float) and math.isfinite(x) and abs(x) > FLOAT32_MAX for x in values):
                 raise UsageError(f"{name}: {shown(v)} does not fit float32, the precision of the weights and "
                                  f"the optimizer (at most {FLOAT32_MAX:.4g})")
     reached = sum(m <= cfg.epochs for m in cfg.milestones) if cfg.schedule == "step" else 0
