@@ -30,6 +30,10 @@ analysis set larger than the data, the optional curvlinops-for-pytorch missing) 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C from here on, imports included: one line, exit 130
+    from runner.signals import exit_on_interrupt
+    exit_on_interrupt("flatness.py")
+
 import argparse
 import csv
 import dataclasses
@@ -417,5 +421,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from runner.signals import exit_code
-    sys.exit(exit_code("flatness.py", main))
+    sys.exit(main())

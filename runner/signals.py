@@ -1,5 +1,5 @@
-"""Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop); Ctrl-C
-elsewhere in a command is one line and exit 130 (exit_code)."""
+"""Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop); in a command
+without a loop to save, Ctrl-C is one line and exit 130 (exit_on_interrupt)."""
 from __future__ import annotations
 
 import signal
@@ -35,11 +35,12 @@ class _Stop:
 STOP = _Stop()
 
 
-def exit_code(prog: str, main) -> int:
-    """main()'s exit code, or 130 (128 + SIGINT) with one line on stderr when Ctrl-C interrupts it
-    (a KeyboardInterrupt anywhere: imports, analysis, writing): never a traceback."""
-    try:
-        return main()
-    except KeyboardInterrupt:
+def exit_on_interrupt(prog: str):
+    """From now on, Ctrl-C (SIGINT) ends the program at once, wherever it arrives (imports, work,
+    writing) with one line and exit code 130: SystemExit, so `finally` blocks run and atomic writes
+    leave no temporary; further Ctrl-Cs are ignored while it exits (one line, never a traceback)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"{prog}: interrupted; files written so far are whole, nothing more was written", file=sys.stderr)
-        return 128 + signal.SIGINT
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGINT, handler)
