@@ -1,7 +1,8 @@
 """Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop); in a command
-without a loop to save, Ctrl-C is one line and exit 130 (exit_on_interrupt)."""
+without a loop to save, Ctrl-C is one line and exit 130 (exit_on_interrupt, run_main)."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -35,12 +36,29 @@ class _Stop:
 STOP = _Stop()
 
 
+INTERRUPTED = "interrupted; files written so far are whole, nothing more was written"
+
+
 def exit_on_interrupt(prog: str):
-    """From now on, Ctrl-C (SIGINT) ends the program at once, wherever it arrives (imports, work,
-    writing) with one line and exit code 130: SystemExit, so `finally` blocks run and atomic writes
-    leave no temporary; further Ctrl-Cs are ignored while it exits (one line, never a traceback)."""
+    """Until run_main(): Ctrl-C (SIGINT) ends the process at once with one line and exit code 130
+    (for a script's own imports, which write nothing: no exception, which Python 3.11 would wrap in
+    a RuntimeError when it arrives in a class body)."""
     def handler(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(f"{prog}: interrupted; files written so far are whole, nothing more was written", file=sys.stderr)
-        sys.exit(128 + signum)
+        print(f"{prog}: {INTERRUPTED}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     signal.signal(signal.SIGINT, handler)
+
+
+def run_main(prog: str, main) -> int:
+    """main()'s exit code, or 130 with one line on stderr when Ctrl-C interrupts it (as
+    KeyboardInterrupt, so `finally` blocks run and atomic writes leave no temporary)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # (an interrupt inside a class body, e.g. while torch imports: Python 3.11 wraps it)
+        if not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+    print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
+    return 128 + signal.SIGINT
