@@ -10,6 +10,10 @@ value, path, missing data) with one line on stderr; 130/143 stopped by SIGINT/SI
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, exit 130
+    from runner.signals import exit_on_interrupt
+    exit_on_interrupt("main.py")
+
 import dataclasses
 import json
 import os
@@ -317,6 +321,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (from here on, main() handles Ctrl-C)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # (while Python imported the modules above)

@@ -40,11 +40,11 @@ INTERRUPTED = "interrupted; files written so far are whole, nothing more was wri
 
 
 def exit_on_interrupt(prog: str):
-    """Until run_main(): Ctrl-C (SIGINT) ends the process at once with one line and exit code 130
-    (for a script's own imports, which write nothing: no exception, which Python 3.11 would wrap in
-    a RuntimeError when it arrives in a class body)."""
+    """Until main() starts (run_main, or the default handler put back): Ctrl-C (SIGINT) ends the
+    process at once with one line and exit code 130. For a script's own imports, which write
+    nothing: no exception, which Python 3.11 would wrap in a RuntimeError in a class body."""
     def handler(signum, frame):
-        print(f"{prog}: {INTERRUPTED}", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
         os._exit(128 + signum)
     signal.signal(signal.SIGINT, handler)
 
