@@ -29,7 +29,6 @@ def load_run_checkpoint(run_dir: str, device="cpu"):
     import data_utils
     import models
     ckpt, cfg = read_checkpoint(run_dir)
-    check_config_file(run_dir, cfg, resume=False)
     info = data_utils.DATASETS[cfg.dataset]
     classes = info.num_classes
     if cfg.dataset == "imagenet":  # the class count came from the train folders: the classifier's rows
@@ -40,6 +39,7 @@ def load_run_checkpoint(run_dir: str, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UsageError(f"{run_dir}: checkpoint does not fit model {cfg.model} ({str(e).splitlines()[0][:200]})") from None
+    check_config_file(run_dir, cfg, resume=False)  # (as a resume does: a checkpoint copied from another run)
     return model.to(torch.device(device)).eval(), cfg, ckpt
 
 

@@ -180,9 +180,10 @@ def check_config_file(run_dir, saved: Config, resume: bool = True):
                 raise UsageError(f"resume: {run_dir}/config.yaml was edited ({k}: {shown(v)} there, {shown(getattr(saved, k))} "
                                  f"in checkpoint.pt, which is what ran and what a resume continues); undo the edit, "
                                  f"or start a new run with that setting")
-            raise UsageError(f"{run_dir}/checkpoint.pt is not the run its config.yaml describes ({k}: "
-                             f"{shown(getattr(saved, k))} in checkpoint.pt, {shown(v)} in config.yaml): copied from "
-                             f"another run, or config.yaml was edited")
+            plain = [x[:80] if isinstance(x, str) else shown(x) for x in (getattr(saved, k), v)]
+            raise UsageError(f"{run_dir}/checkpoint.pt is not the run its config.yaml describes (checkpoint.pt is of "
+                             f"{k} {plain[0]}, but config.yaml says {plain[1]}): copied from another run, or "
+                             f"config.yaml was edited")
 
 
 def finished(run_dir, status="completed") -> bool:

@@ -108,7 +108,8 @@ def test_evaluate_flatness_and_load_run_refuse_a_checkpoint_of_another_run(two_r
     mixed = tmp_path / "sgd"
     shutil.copytree(sgd, mixed)
     shutil.copy(os.path.join(sam, "checkpoint.pt"), mixed / "checkpoint.pt")  # the same model, another optimizer
-    expect = f"{mixed}/checkpoint.pt is not the run its config.yaml describes (optimizer: 'sam' in checkpoint.pt, 'sgd' in"
+    expect = f"{mixed}/checkpoint.pt is not the run its config.yaml describes (checkpoint.pt is of optimizer sam, but " \
+        "config.yaml says sgd)"
     assert main.main(["--evaluate", str(mixed), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expect in err, err
