@@ -73,17 +73,44 @@ def _list_split(root: str, split: str):
     if not classes:
         raise DataError(f"imagenet: {folder} has no class folders; expected {folder}/<class>/*.JPEG")
     paths, labels = [], []
+    walked = {os.path.realpath(os.path.join(folder, name)) for name in classes}  # (see _walk_class)
     for label, name in enumerate(classes):
         found = [os.fsencode(os.path.join(dirpath[len(folder) + 1:], f))  # relative to split/; any characters
-                 for dirpath, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True))
-                 if not any(d.startswith(".") for d in dirpath[len(folder) + 1:].split(os.sep))
-                 for f in sorted(files) if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
+                 for dirpath, files in _walk_class(folder, name, walked)
+                 for f in files if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
         if not found:
             raise DataError(f"imagenet: class folder {os.path.join(folder, name)} holds no image "
                             f"({', '.join(EXTENSIONS)})")
         paths += found
         labels += [label] * len(found)
     return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
+
+
+def _walk_class(folder: str, name: str, walked: set):
+    """(folder path, sorted file names) of folder/name and the folders below it, sorted, as
+    torchvision's ImageFolder walks it (links to files and folders followed; hidden folders left out),
+    except that a link is not followed into a folder listed already (`walked`: real paths, the class
+    folders' from the start), into the split folder or a folder holding it, or into another class's
+    folder: a loop (`loop -> ..`) would count images again, or under the wrong class. Each link not
+    followed is named on stderr, in one line."""
+    split, top = os.path.realpath(folder), os.path.realpath(os.path.join(folder, name))
+    found = []
+    for dirpath, dirs, files in os.walk(os.path.join(folder, name), followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if d.startswith("."):
+                continue
+            if real in walked or split.startswith(real + os.sep) or real == split or (
+                    real.startswith(split + os.sep) and not real.startswith(top + os.sep)):
+                print(f"data: not following {os.path.join(dirpath, d)} -> {real}: a folder listed already, the split "
+                      f"folder or another class's (a link loop?)", file=sys.stderr, flush=True)
+                continue
+            walked.add(real)
+            keep.append(d)
+        dirs[:] = keep
+        found.append((dirpath, sorted(files)))
+    return sorted(found)
 
 
 def _digest(data: bytes) -> str:

@@ -30,6 +30,10 @@ analysis set larger than the data, the optional curvlinops-for-pytorch missing) 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C from here on, imports included: one line, exit 130 (see __main__ below)
+    from runner.signals import exit_on_interrupt
+    exit_on_interrupt("flatness.py")
+
 import argparse
 import csv
 import dataclasses
@@ -417,4 +421,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runner.signals import run_main
+    sys.exit(run_main("flatness.py", main))

@@ -10,6 +10,10 @@ value, path, missing data) with one line on stderr; 130/143 stopped by SIGINT/SI
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the modules below load: one line, exit 130
+    from runner.signals import exit_on_interrupt
+    exit_on_interrupt("main.py")
+
 import dataclasses
 import json
 import os
@@ -128,6 +132,7 @@ def start_run(cfg: Config, explicit: set, argv):
     log = RunLog(run_dir, rank0)
     if rank0:
         try:
+            rundir.claim(run_dir)
             write_start_records(cfg, run_dir, argv, trainer, world, new=ckpt is None)
         except OSError as e:  # a full disk before the first epoch: nothing to save yet
             print(f"main.py: error: {write_error(e.filename or run_dir, e, 0)}", file=sys.stderr)
@@ -301,6 +306,9 @@ def main(argv=None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print("main.py: interrupted while starting; no checkpoint was written", file=sys.stderr)
         return 128 + signal.SIGINT
+    except rundir.LockLost as e:  # another process may write the folder now: write nothing more
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     except Exception as e:
         from data_utils import DataError
         if not isinstance(e, (UsageError, DataError)):
@@ -313,6 +321,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (from here on, main() handles Ctrl-C)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # (while Python imported the modules above)

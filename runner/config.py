@@ -147,6 +147,17 @@ class UsageError(Exception):
     """Invalid input; the message is one line naming the problem and the valid choices."""
 
 
+def shown(value, limit: int = 80) -> str:
+    """A short repr of `value` for an error message: nested lists cut by reprlib (never expanded
+    whole: a YAML alias bomb's value has billions of items), then cut to `limit` characters."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxstring = 3, 8, limit
+    r.maxlong = r.maxother = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 
 
 def _kind(name):
@@ -185,7 +196,7 @@ def _coerce(name, value):
     if not ok:
         want = {"optfloat": "a number or null", "int": "an integer", "float": "a number", "bool": "true or false",
                 "str": "a string", "list": f"a list of {'numbers' if item is float else 'integers'}"}[kind]
-        raise UsageError(f"{name}: expected {want}, got {value!r}")
+        raise UsageError(f"{name}: expected {want}, got {shown(value)}")
     if kind in ("float",) or (kind == "optfloat" and value is not None):
         return float(value)
     return value
@@ -205,18 +216,22 @@ def _validate(cfg: Config, new: bool = True):
         if bad or (isinstance(v, float) and not math.isfinite(v)):
             lo = f"{'≥' if low_inclusive else '>'} {low}"
             raise UsageError(f"{name}: {v} is out of range (must be {lo}" + (f" and ≤ {high})" if high is not None else ")"))
+    _check_float32(cfg)
+    if cfg.label_smoothing >= 1:
+        raise UsageError(f"label_smoothing: {cfg.label_smoothing} is out of range (must be ≥ 0 and < 1: at 1 every "
+                         f"target is uniform and nothing is learned)")
     for name, f in FIELDS.items():
         v = getattr(cfg, name)
         values = v if isinstance(v, list) else [v]
         if name != "seed" and any(type(x) is int and abs(x) > INT_MAX for x in values):
-            raise UsageError(f"{name}: {v} is out of range (at most {INT_MAX})")
+            raise UsageError(f"{name}: {shown(v)} is out of range (at most {INT_MAX})")
     from data_utils import DATASETS as _DATASETS
     if cfg.autoaugment and cfg.autoaugment_policy == "sam" and _DATASETS[cfg.dataset].channels != 3:
         raise UsageError(f"autoaugment_policy: the SAM code's policy takes RGB images; {cfg.dataset} has 1 channel")
     if cfg.sam_m and cfg.precision == "fp16":  # its per-pass unscaling would rescale the running sum
         raise UsageError("sam_m: m-sharpness does not work with precision fp16 (use bf16 or fp32)")
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
-        raise UsageError(f"milestones: {cfg.milestones} must be non-negative epochs in increasing order")
+        raise UsageError(f"milestones: {shown(cfg.milestones)} must be non-negative epochs in increasing order")
     from data_utils import DATASETS
     channels = DATASETS[cfg.dataset].channels
     for name in ("mean", "std"):
@@ -246,7 +261,7 @@ def _validate(cfg: Config, new: bool = True):
         raise UsageError(f"{'cutout' if cfg.cutout else 'autoaugment'}: not available for imagenet "
                          "(its augmentation is RandomResizedCrop + flip, as in the official script)")
     if cfg.std and min(cfg.std) <= 0:
-        raise UsageError(f"std: values must be > 0, got {cfg.std}")
+        raise UsageError(f"std: values must be > 0, got {shown(cfg.std)}")
     if cfg.cutout and cfg.cutout_size > size:
         raise UsageError(f"cutout_size: at most the image size ({size} pixels), got {cfg.cutout_size}")
     import models
@@ -262,6 +277,27 @@ def _validate(cfg: Config, new: bool = True):
         raise UsageError(f"name: {cfg.name[:40]!r}... is too long ({len(cfg.name.encode())} bytes; at most 240)")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: weights and optimizer state are float32 in every precision
+NOT_IN_TRAINING = {"progress_every", "paper_error", "paper_spread"}  # float settings that never reach a tensor
+
+
+def _check_float32(cfg: Config):
+    """UsageError for a float setting that does not fit float32, which training computes in (torch
+    cannot turn `--lr 1e308` into a step's scalar: a traceback, not a divergence), and for a step
+    schedule that would raise the learning rate beyond it (lr × lr_decay^milestones)."""
+    for name in FIELDS:
+        v = getattr(cfg, name)
+        if _kind(name) in ("float", "optfloat", "list") and name not in NOT_IN_TRAINING:
+            values = v if isinstance(v, list) else [v]  # (not finite: refused below with its own message)
+            if any(isinstance(x, float) and math.isfinite(x) and abs(x) > FLOAT32_MAX for x in values):
+                raise UsageError(f"{name}: {shown(v)} does not fit float32, the precision of the weights and "
+                                 f"the optimizer (at most {FLOAT32_MAX:.4g})")
+    reached = sum(m <= cfg.epochs for m in cfg.milestones) if cfg.schedule == "step" else 0
+    if cfg.lr_decay > 1 and reached and math.log(cfg.lr) + reached * math.log(cfg.lr_decay) > math.log(FLOAT32_MAX):
+        raise UsageError(f"lr_decay: {cfg.lr_decay} at {reached} milestone(s) raises lr {cfg.lr} beyond float32 "
+                         f"(at most {FLOAT32_MAX:.4g})")
+
+
 def check_launch(cfg: Config, explicit: set):
     """What depends on how the run is launched (process count, data folder), checked for a new run
     and for a resumed one alike."""
@@ -275,11 +311,47 @@ def check_launch(cfg: Config, explicit: set):
                          "the Debian package's /usr/share/datasets/fashion-mnist)")
 
 
+MAX_YAML_VALUES = 10_000  # values a config may hold once its aliases are expanded (a real one: < 300)
+
+
+def _expanded_size(root, limit):
+    """How many values the YAML node graph `root` stands for once every alias (*name) is expanded,
+    counted without expanding (each node once, iteratively); more than `limit`, or a node that
+    contains itself, counts as limit + 1."""
+    import yaml
+    size, busy = {}, set()
+    stack = [root]
+    while stack:
+        node = stack[-1]
+        if id(node) in size:
+            stack.pop()
+            continue
+        kids = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        todo = [k for k in kids if id(k) not in size]
+        if todo and id(node) not in busy:
+            busy.add(id(node))
+            stack.extend(todo)
+        elif todo:  # a child still open: it contains this node (`&a [*a]`)
+            return limit + 1
+        else:
+            size[id(node)] = min(limit + 1, 1 + sum(size[id(k)] for k in kids))
+            stack.pop()
+    return size[id(root)]
+
+
 def _unique_key_loader():
-    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML keeps the last)."""
+    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML keeps the last) and a
+    document whose aliases expand to more than MAX_YAML_VALUES values (an alias bomb)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
+        def construct_document(self, node):
+            if _expanded_size(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+                raise UsageError(f"config: it expands to more than {MAX_YAML_VALUES:,} values through YAML "
+                                 f"aliases (*name) or refers to itself; a config holds a few dozen")
+            return super().construct_document(node)
+
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 from runner.config import Config, UsageError
-from runner.records import read_checkpoint  # noqa: F401  (also part of this module's API)
+from runner.records import check_config_file, read_checkpoint  # noqa: F401  (also part of this module's API)
 
 
 def load_run(run_dir: str, device="cpu"):
@@ -39,6 +39,7 @@ def load_run_checkpoint(run_dir: str, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UsageError(f"{run_dir}: checkpoint does not fit model {cfg.model} ({str(e).splitlines()[0][:200]})") from None
+    check_config_file(run_dir, cfg, resume=False)  # (as a resume does: a checkpoint copied from another run)
     return model.to(torch.device(device)).eval(), cfg, ckpt
 
 

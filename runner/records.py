@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+from runner import rundir
 from runner.config import FIELDS, RESUME_MAY_CHANGE, Config, UsageError, _coerce, _validate
 
 
@@ -26,6 +27,7 @@ def git_commit() -> str:
 def atomic_write(path: str, write):
     """write(file) to a temporary file, fsync, then rename over `path`: readers (and a resume after
     a crash or SIGKILL at any moment) see the old file or the new one, never a half-written one."""
+    rundir.check_held(os.path.dirname(path))  # (a run folder whose lock this process lost: LockLost)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -146,18 +148,21 @@ def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False)
         how = f"torchrun --nproc_per_node {n} main.py" if n > 1 else "python main.py"
         raise UsageError(f"resume: {run_dir} was trained by {n} process(es) and continues only with {n} "
                          f"(the global batch and RWP's mode depend on it): {how} --resume {run_dir}")
-    _check_config_file(run_dir, saved)
+    check_config_file(run_dir, saved)
     return saved, ckpt, None
 
 
-def _check_config_file(run_dir, saved: Config):
-    """The folder's config.yaml must agree with the checkpoint's config (what ran and what a resume
-    continues); a missing or unreadable one is rewritten by the resume."""
+def check_config_file(run_dir, saved: Config, resume: bool = True):
+    """The folder's config.yaml must agree with the checkpoint's config (what ran, what a resume
+    continues and what --evaluate, flatness.py and load_run report on): a checkpoint copied from
+    another run, or an edited config.yaml, is one UsageError. A missing or unreadable config.yaml
+    is not checked (a resume rewrites it)."""
     import yaml
+    from runner.config import _unique_key_loader, shown
     try:
         with open(os.path.join(run_dir, "config.yaml"), "rb") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+            data = yaml.load(f, Loader=_unique_key_loader())
+    except (OSError, yaml.YAMLError, UsageError):
         return
     if not isinstance(data, dict):
         return
@@ -169,10 +174,16 @@ def _check_config_file(run_dir, saved: Config):
                 same = _coerce(k, v) == getattr(saved, k)
             except UsageError:
                 same = False
-            if not same:
-                raise UsageError(f"resume: {run_dir}/config.yaml was edited ({k}: {v!r} there, {getattr(saved, k)!r} "
+            if same:
+                continue
+            if resume:
+                raise UsageError(f"resume: {run_dir}/config.yaml was edited ({k}: {shown(v)} there, {shown(getattr(saved, k))} "
                                  f"in checkpoint.pt, which is what ran and what a resume continues); undo the edit, "
                                  f"or start a new run with that setting")
+            plain = [x[:80] if isinstance(x, str) else shown(x) for x in (getattr(saved, k), v)]
+            raise UsageError(f"{run_dir}/checkpoint.pt is not the run its config.yaml describes (checkpoint.pt is of "
+                             f"{k} {plain[0]}, but config.yaml says {plain[1]}): copied from another run, or "
+                             f"config.yaml was edited")
 
 
 def finished(run_dir, status="completed") -> bool:
@@ -211,8 +222,28 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
 
+def _file_size_limit(error: Exception, needed: int):
+    """The process's file-size limit (RLIMIT_FSIZE, `ulimit -f`) in bytes when it explains a failed
+    write of about `needed` bytes (EFBIG "File too large"; torch.save reports it without an errno),
+    else None."""
+    import errno
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    if getattr(error, "errno", None) == errno.EFBIG or (not isinstance(error, OSError) and needed >= limit):
+        return limit
+    return None
+
+
 def write_error(path: str, error: Exception, needed: int) -> str:
-    """One line for a failed write of about `needed` bytes to `path` (disk full, quota, I/O error)."""
+    """One line for a failed write of about `needed` bytes to `path` (disk full, quota, I/O error, the
+    file-size limit: that one is not a disk-space problem, so the free space is not shown)."""
+    limit = _file_size_limit(error, needed)
+    if limit is not None:
+        return (f"cannot write {path} (File too large: this process may write files of at most {limit:,} bytes, "
+                f"its file-size limit, ulimit -f" + (f"; it needs about {needed / 2**20:.1f} MB" if needed else "")
+                + "); raise the limit")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else "write failed"
     try:
         free = shutil.disk_usage(os.path.dirname(path) or ".").free
@@ -234,6 +265,7 @@ class RunLog:
 
     def _append(self, name, text, sync=False):
         path = os.path.join(self.run_dir, name)
+        rundir.check_held(self.run_dir)
         try:
             with open(path, "a") as f:
                 f.write(text)

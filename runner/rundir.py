@@ -5,6 +5,13 @@ creating or resuming the folder until it exits; the kernel releases it when the 
 (SIGKILL included), so a dead run never leaves a stale lock. A second process is refused with one
 line naming the holder, and writes nothing. Under torchrun, rank 0 holds the lock.
 
+The lock belongs to the file, not to its name: if `.lock` is removed or replaced (a cleanup script,
+a sync tool), a newcomer could lock a new file of that name beside the writer. So the writer checks
+before every write (check_held) that `.lock` still names the file it locked (device and inode) and
+stops when it does not (LockLost); and it records itself in `writer.txt` (PID, host, process start
+time; removed when it exits normally), so a newcomer that gets the lock still refuses a folder whose
+writer is alive on this host.
+
 The lock is a POSIX record lock (`fcntl.lockf`), not `flock`: a `flock` lock is shared with forked
 children, so DataLoader workers that outlive a SIGKILLed run for a few seconds would keep its folder
 locked; a POSIX lock belongs to the process alone (and works on NFS). Its one trap — closing any
@@ -21,14 +28,23 @@ import socket
 from runner.config import Config, UsageError
 
 LOCK = ".lock"
-_held = []          # open lock descriptors of this process (closed by the kernel at exit)
+WRITER = "writer.txt"  # "PID HOST START" of the process writing the folder (START: /proc's start time, or -)
+_held = []          # (descriptor, folder's real path, (st_dev, st_ino) of its .lock) per folder this process locked
+_claimed = {}       # folder's real path -> the writer.txt text this process wrote there
 # atomic_write's temporaries of the records main.py writes: NAME.tmp<PID>
-_TMP = re.compile(r"(checkpoint\.pt|summary\.json|config\.yaml|metrics\.jsonl|command\.txt|git_commit\.txt)\.tmp[0-9]+")
-_RECORDS = {"config.yaml", "command.txt", "log.txt", "summary.json", "checkpoint.pt", "metrics.jsonl", LOCK}
+_TMP = re.compile(r"(checkpoint\.pt|summary\.json|config\.yaml|metrics\.jsonl|command\.txt|git_commit\.txt|writer\.txt)"
+                  r"\.tmp[0-9]+")
+_RECORDS = {"config.yaml", "command.txt", "log.txt", "summary.json", "checkpoint.pt", "metrics.jsonl", LOCK, WRITER}
 # a SLURM task's stdout and stderr (recipes/slurm_task.sh): it creates the run folder to write them there
 # before main.py starts, and they stay with the row's folder over every attempt of the task
 TASK_LOGS = ("slurm.out", "slurm.err")
+
 _NAME_MAX = 240     # bytes of a run name: 255 per path component, less room for -N / .failed-N
+
+
+class LockLost(Exception):
+    """The run folder's `.lock` no longer names the file this process locked: another process may
+    write the folder, so this one stops without writing anything more (main.py: one line, exit 1)."""
 
 
 def default_name(cfg: Config) -> str:
@@ -72,12 +88,18 @@ def lock(run_dir: str):
                 raise UsageError(f"{run_dir} is in use by {who}: one run folder has one writer; wait for it to "
                                  f"finish or stop it, then --resume {run_dir}") from None
             time.sleep(0.1)
+    writer = live_writer(run_dir)
+    if writer:
+        os.close(fd)
+        raise UsageError(f"{run_dir} is in use by {writer} (its {WRITER}; its {LOCK} file was removed or replaced): "
+                         f"one run folder has one writer; wait for it to finish or stop it, then --resume {run_dir}")
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     except OSError as e:  # (a full disk: the lock holds all the same)
         print(f"main.py: warning: {run_dir}: cannot write its lock file ({e.strerror})", file=sys.stderr)
-    _held.append(fd)
+    st = os.fstat(fd)
+    _held.append((fd, os.path.realpath(run_dir), (st.st_dev, st.st_ino)))
     for name in os.listdir(run_dir):
         if _TMP.fullmatch(name):
             try:
@@ -86,10 +108,85 @@ def lock(run_dir: str):
                 pass
 
 
+def _start_time(pid: int):
+    """Process `pid`'s start time (clock ticks after boot, from /proc) as text, '-' where there is no
+    /proc; None when no such process is alive (none, or a zombie)."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass
+        return "-"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # (after the command name, which may hold spaces)
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]  # state; starttime (the 22nd field)
+
+
+def live_writer(run_dir: str):
+    """'process PID on HOST' when the folder's writer.txt names another live process on this host
+    (the same PID and start time: a PID used again by another process does not count), else None."""
+    try:
+        with open(os.path.join(run_dir, WRITER)) as f:
+            pid, host, start = f.read().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname() or pid == os.getpid():
+        return None  # (another host: its lock is what protects the folder)
+    now = _start_time(pid)
+    alive = now is not None and (now == start or "-" in (now, start))
+    return f"process {pid} on {host}" if alive else None
+
+
+def claim(run_dir: str):
+    """Record this process as the writer of the folder it locked (writer.txt; see live_writer)."""
+    text = f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n"
+    tmp = os.path.join(run_dir, f"{WRITER}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(run_dir, WRITER))
+    _claimed[os.path.realpath(run_dir)] = text
+
+
+def check_held(folder: str):
+    """LockLost when `folder` is one this process locked and its .lock has been removed or replaced
+    since (another file of that name may be locked by another process): called before every write."""
+    real = os.path.realpath(folder)
+    for _, where, ident in reversed(_held):  # (the latest lock of that path: a folder set aside left one)
+        if where != real:
+            continue
+        try:
+            st = os.stat(os.path.join(where, LOCK))
+            now = (st.st_dev, st.st_ino)
+        except OSError:
+            now = None
+        if now != ident:
+            raise LockLost(f"{folder}: its lock file {LOCK} was {'removed' if now is None else 'replaced'} while this "
+                           f"run wrote the folder, so another process may be writing it: stopped (failed) and wrote "
+                           f"nothing more; make sure no other run writes it, then --resume {folder}")
+        return
+
+
 def release():
-    """Release this process's run-folder locks (main() returns; exiting does the same)."""
+    """Release this process's run-folder locks (main() returns; exiting does the same), removing
+    its writer.txt where the lock is still its own."""
     while _held:
-        os.close(_held.pop())
+        fd, where, _ = _held[-1]
+        text = _claimed.pop(where, None)
+        try:
+            check_held(where)
+            with open(os.path.join(where, WRITER)) as f:
+                if text is not None and f.read() == text:
+                    os.remove(os.path.join(where, WRITER))
+        except (LockLost, OSError):
+            pass
+        _held.pop()
+        os.close(fd)
 
 
 def _name_error(name, out_dir, e):

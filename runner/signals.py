@@ -1,7 +1,10 @@
-"""Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop)."""
+"""Stop requests: SIGINT/SIGTERM ask the training loop to save and stop (see _Stop); in a command
+without a loop to save, Ctrl-C is one line and exit 130 (exit_on_interrupt, run_main)."""
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
 
@@ -31,3 +34,31 @@ class _Stop:
 
 
 STOP = _Stop()
+
+
+INTERRUPTED = "interrupted; files written so far are whole, nothing more was written"
+
+
+def exit_on_interrupt(prog: str):
+    """Until main() starts (run_main, or the default handler put back): Ctrl-C (SIGINT) ends the
+    process at once with one line and exit code 130. For a script's own imports, which write
+    nothing: no exception, which Python 3.11 would wrap in a RuntimeError in a class body."""
+    def handler(signum, frame):
+        print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_main(prog: str, main) -> int:
+    """main()'s exit code, or 130 with one line on stderr when Ctrl-C interrupts it (as
+    KeyboardInterrupt, so `finally` blocks run and atomic writes leave no temporary)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # (an interrupt inside a class body, e.g. while torch imports: Python 3.11 wraps it)
+        if not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+    print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
+    return 128 + signal.SIGINT
