@@ -75,7 +75,7 @@ class Criterion:
 
     def test_sum(self, outputs, y, group):
         """Σ over consecutive groups of `group` samples of |group|·flood(mean ℓ of the group)."""
-        losses = self.per_sample(outputs.float(), y).double()
+        losses = self.per_sample(outputs if outputs.dtype == torch.float64 else outputs.float(), y).double()
         if self.flooding == 0:
             return losses.sum()
         n = len(y)
