@@ -36,13 +36,14 @@ completed seeds) with a band spanning min–max over the seeds.
 Grouping ignores:
   - always: seed, name, out_dir, resume, on_existing, device, workers, eval_batch_size, compile, channels_last
     (main.py lets these change on --resume), data_dir, download (where the data comes from), and
-    paper_ref / paper_error / paper_spread (labels, taken from the runs);
+    paper_ref / paper_error / paper_spread / paper_nll (labels, taken from the runs);
   - fields that the run's other settings switch off: the AMP fields unless optimizer is amp, the
     RWP fields unless rwp (arwp_eta / arwp_beta unless arwp), rho and sam_m unless sam/asam,
     adaptive_eta and asam_all_params unless asam, bn_update for sgd, nesterov without momentum,
     milestones / lr_decay under a cosine schedule, the Cutout fields without cutout,
-    autoaugment_first / autoaugment_policy without autoaugment, and the crop/flip fields without
-    augment (pad_fill also matters for AutoAugment's fill).
+    autoaugment_first / autoaugment_policy without autoaugment, the crop/flip fields without
+    augment (pad_fill also matters for AutoAugment's fill), label_smoothing_style without
+    label_smoothing, mixup_beta without mixup_alpha, adv_step / adv_iter without adv_epsilon.
 
 Exit codes: 0 done; 1 nothing to plot; 2 bad arguments or no run folders found (one line on stderr).
 """

@@ -15,7 +15,9 @@ With K classes, a batch of B samples, logits z_i and p_i = softmax(z_i):
                       a = adv_step/255, T = adv_iter steps (attacks.py, mode 'train'):
                       x⁰ = x + U(−ε, ε);  xᵗ⁺¹ = x + clip_[−ε,ε](xᵗ + a·sign(∇ₓL(xᵗ)) − x)
                       at the clean weights θ with the model in eval mode (BN running statistics, no
-                      dropout, nothing updated); the step then trains on x^T only.
+                      dropout, nothing updated); the step then trains on x^T only (with MixUp
+                      too, x^T is what is mixed). Under precision fp16 the attack's loss is not
+                      scaled (only the sign of ∇ₓ is used; entries that underflow do not move).
   RMP ε               ξ_p ~ U(−b_p, b_p) elementwise, b_p = √(ε / numel(p)) for every parameter
                       tensor p (trainer.py `_reset_perturbation_rmp`, all layer scales 1); the gradient
                       at θ + ξ is applied at θ (weights restored exactly from a copy).

@@ -100,7 +100,7 @@ def check_checkpoint(ckpt, path) -> Config:
 
 
 # Fields that name a run rather than what it computes (a recipe's row compares the rest).
-NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error", "paper_spread"}
+NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error", "paper_spread", "paper_nll"}
 
 
 def read_checkpoint(run_dir: str, prefix: str = "", missing: str = " (the run saved nothing yet)"):
