@@ -104,8 +104,9 @@ def pgd_linf(model, criterion, x, y, epsilon, step, iters, autocast=None):
                         loss = criterion(model(x_adv), y)
                 else:
                     loss = criterion(model(x_adv), y)
-                grad, = torch.autograd.grad(loss, x_adv)
-                x_adv = x + (x_adv.detach() + step * grad.sign() - x).clamp_(-epsilon, epsilon)
+                loss.backward(inputs=[x_adv])  # ∇ₓ only (not autograd.grad: module hooks such as
+                # torch.utils.flop_counter's refuse it)
+                x_adv = x + (x_adv.detach() + step * x_adv.grad.sign() - x).clamp_(-epsilon, epsilon)
     finally:
         model.train(was_training)
     return x_adv.detach()
