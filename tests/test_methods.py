@@ -241,3 +241,17 @@ def test_run_records_nll_and_criterion_and_report_shows_the_papers(tmp_path, cap
     table = capsys.readouterr().out
     assert "| test NLL | paper NLL | criterion test loss |" in table
     assert f"| {summary['final_test_nll']:.3f} ± – | 1.038 | {summary['final_test_criterion_loss']:.3f} ± – |" in table
+
+
+def test_bench_times_the_methods_through_the_runners_closure(tmp_path):
+    import bench
+    out = tmp_path / "b.json"
+    argv = ["--quick", "--model", "wrn10_1", "--dataset", "synthetic", "--batch_size", "8", "--optimizers", "sgd",
+            "amp", "--pipeline_batches", "0", "--eval_batches", "0", "--adv_epsilon", "1", "--mixup_alpha", "1",
+            "--rmp_epsilon", "0.1", "--flooding", "0.02", "--json", str(out)]
+    assert bench.main_cli(argv) == 0
+    report_ = json.loads(out.read_text())
+    assert {k: report_["config"][k] for k in ("adv_epsilon", "mixup_alpha", "rmp_epsilon", "flooding")} == {
+        "adv_epsilon": 1.0, "mixup_alpha": 1.0, "rmp_epsilon": 0.1, "flooding": 0.02}
+    assert [r["optimizer"] for r in report_["train"]] == ["sgd", "amp"]
+    assert all(r["ms_per_step"] > 0 and r["flop_per_step"] > 0 for r in report_["train"])
