@@ -155,12 +155,14 @@ def epoch_row(trainer, cfg: Config, epoch: int, result, lr: float, epoch_time: f
     """The metrics.jsonl row of a finished epoch (0-based `epoch`; `result` = train loss, error,
     images), evaluating the model first on evaluation epochs (every eval_every-th and the last)."""
     train_loss, train_error, images = result
-    test_loss = test_error = test_error5 = None
+    test_loss = test_error = test_error5 = criterion_loss = None
     bad_images = trainer.bad_images()
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
         test_loss, test_error, test_error5 = trainer.evaluate()
+        criterion_loss = trainer.test_criterion_loss
     row = {"epoch": epoch + 1, "train_loss": train_loss, "train_error": train_error,
-           "test_loss": test_loss, "test_error": test_error, "test_error_top5": test_error5, "lr": lr,
+           "test_loss": test_loss, "test_criterion_loss": criterion_loss,  # NLL; the training criterion
+           "test_error": test_error, "test_error_top5": test_error5, "lr": lr,
            "epoch_time_s": round(epoch_time, 3), "images": images}
     if bad_images is not None:  # folder data: unreadable images replaced this epoch
         row["bad_images"] = bad_images

@@ -18,6 +18,11 @@ group the Markdown table on stdout gives
                               reported this number)
   paper                       the config's paper_error ± paper_spread (the ± means what the paper says)
   ours − paper                mean final test error minus the paper's number
+  test NLL                    cross-entropy of the final model on the test set, mean ± std (shown when
+                              a run records it), beside the config's paper_nll where one is named
+  criterion test loss         the training criterion on the test set (label smoothing, flooding per
+                              batch), shown when a group smooths or floods: the AMP code's "NLL" column
+                              is this loss, so the paper's label-smoothing NLLs (≈1.0–2.3) compare with it
 
 The group is named by dataset, model, optimizer and a `setting` column holding the fields whose
 values differ between the groups shown, where not at the runner's default (main.py --help).
@@ -34,13 +39,14 @@ state of every planned run, per row: finished, running, stopped, failed, not sta
 Grouping ignores:
   - always: seed, name, out_dir, resume, on_existing, device, workers, eval_batch_size, compile, channels_last
     (main.py lets these change on --resume), data_dir, download (where the data comes from), and
-    paper_ref / paper_error / paper_spread (labels, taken from the runs);
+    paper_ref / paper_error / paper_spread / paper_nll (labels, taken from the runs);
   - fields that the run's other settings switch off: the AMP fields unless optimizer is amp, the
     RWP fields unless rwp (arwp_eta / arwp_beta unless arwp), rho and sam_m unless sam/asam,
     adaptive_eta and asam_all_params unless asam, bn_update for sgd, nesterov without momentum,
     milestones / lr_decay under a cosine schedule, the Cutout fields without cutout,
-    autoaugment_first / autoaugment_policy without autoaugment, and the crop/flip fields without
-    augment (pad_fill also matters for AutoAugment's fill).
+    autoaugment_first / autoaugment_policy without autoaugment, the crop/flip fields without
+    augment (pad_fill also matters for AutoAugment's fill), label_smoothing_style without
+    label_smoothing, mixup_beta without mixup_alpha, adv_step / adv_iter without adv_epsilon.
 
 Exit codes: 0 done; 1 nothing to plot; 2 bad arguments or no run folders found (one line on stderr).
 """
@@ -61,7 +67,7 @@ from runner.table_status import find_plans, status_markdown
 
 _DATA_COUNTS, _DATA_NAMES = ("classes", "train_files", "val_files"), ("class_names", "train_names", "val_names")
 IGNORED = {"seed", "name", "out_dir", "resume", "on_existing", "device", "workers", "eval_batch_size", "compile",
-           "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread",
+           "channels_last", "data_dir", "download", "paper_ref", "paper_error", "paper_spread", "paper_nll",
            "progress_every", "tensorboard"}
 _AMP = ("epsilon", "inner_lr", "inner_iter", "amp_ball")
 _RWP = ("gamma", "alpha", "arwp", "gamma_final")
@@ -84,6 +90,9 @@ RELEVANT_IF = {
     "autoaugment_policy": lambda c: c.get("autoaugment"),
     "image_size": lambda c: c.get("dataset") == "imagenet",
     "pad_fill": lambda c: c.get("autoaugment") or (c.get("augment", True) and c.get("pad_mode") != "reflect"),
+    "label_smoothing_style": lambda c: c.get("label_smoothing", 0) > 0,
+    "mixup_beta": lambda c: c.get("mixup_alpha", 0) > 0,
+    **{f: lambda c: c.get("adv_epsilon", 0) > 0 for f in ("adv_step", "adv_iter")},
 }
 OPTIMIZER_FIELDS = {*_AMP, *_RWP, "arwp_eta", "arwp_beta", "rho", "adaptive_eta", "bn_update", "sam_m",
                     "asam_all_params"}
@@ -93,7 +102,8 @@ NOTE = ("setting = the fields that differ between the groups, where not at the r
         "(python main.py --help); n = completed runs (seeds); ± = sample standard deviation over "
         "seeds (ddof = 1; – when n = 1); final = test error after the last epoch; best = lowest test "
         "error over epochs, picked on the test set (optimistic; the AMP code reported it); "
-        "ours − paper uses the final mean. Errors in %.")
+        "ours − paper uses the final mean. Errors in %. NLL = test cross-entropy after the last epoch; "
+        "criterion = the training criterion on the test set (the AMP code's NLL column).")
 
 
 class UsageError(Exception):
@@ -308,7 +318,9 @@ def summarize(runs):
         (fm, fs), (bm, bs) = _mean_std(final), _mean_std(best)
         top5 = [r.summary.get("final_test_error_top5") for r in members]  # absent in runs before top-5
         t5m, t5s = _mean_std([float(v) for v in top5]) if all(isinstance(v, (int, float)) for v in top5) else (None, None)
-        paper, spread, ref = (_agree(members, f) for f in ("paper_error", "paper_spread", "paper_ref"))
+        paper, spread, ref, paper_nll = (_agree(members, f) for f in ("paper_error", "paper_spread", "paper_ref",
+                                                                       "paper_nll"))
+        (nm, ns), (cm, cs) = (_losses(members, f) for f in ("final_test_nll", "final_test_criterion_loss"))
         out.append({
             "dataset": key.get("dataset"), "model": key.get("model"), "optimizer": key.get("optimizer"),
             "setting": _setting(key, varying, defaults), "_sort": _setting(key, data_fields, defaults),
@@ -316,6 +328,8 @@ def summarize(runs):
             "final_mean": fm, "final_std": fs, "best_mean": bm, "best_std": bs,
             "final": final, "best": best, "final_top5_mean": t5m, "final_top5_std": t5s,
             "paper_error": paper, "paper_spread": spread, "paper_ref": ref or "",
+            "nll_mean": nm, "nll_std": ns, "paper_nll": paper_nll, "criterion_mean": cm, "criterion_std": cs,
+            "smoothed_or_flooded": key.get("label_smoothing", 0) > 0 or key.get("flooding", 0) > 0,
             "diff_final": fm - paper if paper is not None else None,
             "diff_best": bm - paper if paper is not None else None,
             "runs": [r.path for r in members], "config": key, "_runs": members,
@@ -331,6 +345,24 @@ def summarize(runs):
                "message": (r.summary or {}).get("message", "")}
               for r in runs if not r.completed]
     return out, others
+
+
+def _losses(runs, field):
+    """(mean, std) of a summary.json test loss over the runs; (None, None) when a run lacks it (runs
+    from before it was recorded: the NLL is then the last evaluated metrics row's test_loss)."""
+    values = []
+    for r in runs:
+        v = r.summary.get(field)
+        if v is None and field == "final_test_nll":
+            v = next((row.get("test_loss") for row in reversed(r.rows) if _is_number(row.get("test_error"))), None)
+        if not _is_number(v):
+            return None, None
+        values.append(float(v))
+    return _mean_std(values)
+
+
+def _loss_cell(mean, std):
+    return "–" if mean is None else f"{mean:.3f} ± " + (f"{std:.3f}" if std is not None else "–")
 
 
 def _flatness(runs):
@@ -366,12 +398,16 @@ def markdown(groups, others) -> str:
     head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + [
         "n", "final test error %"] + (["final top-5 error %"] if show_top5 else []) + [
         "best (picked on test) %", "paper %", "ours − paper"]
+    nll = [h for h, show in (("test NLL", any(g["nll_mean"] is not None for g in groups)),
+                             ("paper NLL", any(g["paper_nll"] is not None for g in groups)),
+                             ("criterion test loss", any(g["smoothed_or_flooded"] for g in groups))) if show]
+    head += nll
     flat = any(g.get("flatness") for g in groups)  # runs measured by flatness.py
     head += ["λ_max", "sharpness SAM / AMP / RWP"] if flat else []
     lines = []
     if groups:
         lines += ["| " + " | ".join(head) + " |",
-                  "|" + "|".join("---:" if h in ("n",) or "%" in h or "paper" in h else "---" for h in head) + "|"]
+                  "|" + "|".join("---:" if h in ("n",) or "%" in h or "paper" in h or "NLL" in h or "loss" in h else "---" for h in head) + "|"]
         for g in groups:
             paper = "–" if g["paper_error"] is None else f"{g['paper_error']:g}" + (
                 f" ± {g['paper_spread']:g}" if g["paper_spread"] is not None else "")
@@ -380,6 +416,10 @@ def markdown(groups, others) -> str:
                 g["n"], _pm(g["final_mean"], g["final_std"])] + (
                 ["–" if g.get("final_top5_mean") is None else _pm(g["final_top5_mean"], g["final_top5_std"])]
                 if show_top5 else []) + [_pm(g["best_mean"], g["best_std"]), paper, diff]
+            cells += [{"test NLL": _loss_cell(g["nll_mean"], g["nll_std"]),
+                       "paper NLL": "–" if g["paper_nll"] is None else f"{g['paper_nll']:g}",
+                       "criterion test loss": _loss_cell(g["criterion_mean"], g["criterion_std"])
+                       if g["smoothed_or_flooded"] else "–"}[h] for h in nll]
             if flat:
                 f = g.get("flatness") or {}
                 show = lambda k: "–" if f.get(k) is None else f"{f[k]:.3g}"  # noqa: E731
@@ -403,7 +443,8 @@ def markdown(groups, others) -> str:
 
 
 CSV_FIELDS = ["dataset", "model", "optimizer", "setting", "n", "seeds", "final_mean", "final_std",
-              "best_mean", "best_std", "paper_error", "paper_spread", "diff_final", "diff_best", "paper_ref", "runs"]
+              "best_mean", "best_std", "paper_error", "paper_spread", "diff_final", "diff_best", "paper_ref", "runs",
+              "nll_mean", "nll_std", "paper_nll", "criterion_mean", "criterion_std"]
 
 
 def write_csv(path, groups):

@@ -184,6 +184,10 @@ class _Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = autocast_for(self.cfg, device)
         self.scaler = LossScaler(self.optimizer, self.params) if self.cfg.precision == "fp16" else None
+        import data_utils
+        from runner.methods import build_regularizers  # the Config's Table A methods, as the Trainer
+        self.regularizers = build_regularizers(self.cfg, self.model, self.params,
+                                               data_utils.DATASETS[self.cfg.dataset].num_classes, self.autocast)
         self.model.train()
 
     def step(self, eager=False, marks=None):
@@ -192,7 +196,8 @@ class _Run:
         brackets every closure call."""
         from runner.training import make_closure
         closure = make_closure(self.optimizer, self.model if eager else self.net, self.params, self.batches,
-                               autocast=self.autocast, clip_norm=self.cfg.clip_norm, scaler=self.scaler)
+                               autocast=self.autocast, clip_norm=self.cfg.clip_norm, scaler=self.scaler,
+                               label_smoothing=self.cfg.label_smoothing, regularizers=self.regularizers)
         return self.optimizer.step(closure if marks is None else marks.wrap(closure))
 
     def steps(self, n, marks=None):

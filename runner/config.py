@@ -59,6 +59,15 @@ class Config:
     lr_updates_per_epoch: int = 1     # how often within an epoch the LR changes (1 = at epoch ends)
     clip_norm: float = 50.0           # clip the gradient to this global norm in every pass (0 = off)
     drop_last: bool = False           # drop the last partial batch of an epoch (SAM code) instead of keeping it
+    # AMP paper's Table A baselines (runner/methods.py); each composes with every optimizer
+    label_smoothing_style: str = "torch"  # torch: targets 1−ε+ε/K, ε/K | amp: 1−ε, ε/(K−1) (AMP code)
+    flooding: float = 0.0             # flood level b: the batch loss L becomes |L − b| + b (0 = off)
+    mixup_alpha: float = 0.0          # MixUp: per-sample λ ~ Beta(mixup_alpha, mixup_beta) (0 = off)
+    mixup_beta: typing.Optional[float] = None  # MixUp's second Beta parameter (None = mixup_alpha)
+    adv_epsilon: float = 0.0          # adversarial training: L∞ PGD radius on the normalised inputs, in 1/255 (0 = off)
+    adv_step: float = 1.0             # PGD step size, in 1/255
+    adv_iter: int = 1                 # PGD steps
+    rmp_epsilon: float = 0.0          # RMP: weight noise U(±√(ε/numel)) per tensor, fresh each step (0 = off)
     # AMP
     epsilon: float = 0.5              # radius of the perturbation ball
     inner_lr: float = 1.0             # ascent step size ζ
@@ -97,6 +106,7 @@ class Config:
     paper_ref: str = ""               # "source, table, row"
     paper_error: typing.Optional[float] = None   # % test error
     paper_spread: typing.Optional[float] = None  # ± of the paper's number
+    paper_nll: typing.Optional[float] = None     # the paper's test NLL (AMP Table A: its criterion's test loss)
 
 
 CHOICES = {
@@ -107,6 +117,7 @@ CHOICES = {
     "optimizer": ("sgd", "amp", "rwp", "sam", "asam"),
     "schedule": ("step", "cosine"),
     "amp_ball": ("tensor", "global"),
+    "label_smoothing_style": ("torch", "amp"),
     "bn_update": ("auto", "all", "clean"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
@@ -123,6 +134,8 @@ RANGES = [
     ("inner_iter", 0, None, True), ("gamma", 0, None, True), ("alpha", 0, 1, True),
     ("arwp_eta", 0, None, True), ("arwp_beta", 0, 1, True), ("gamma_final", 0, None, True),
     ("rho", 0, None, True), ("adaptive_eta", 0, None, True), ("sam_m", 0, None, True),
+    ("flooding", 0, None, True), ("mixup_alpha", 0, None, True), ("mixup_beta", 0, None, False),
+    ("adv_epsilon", 0, None, True), ("adv_step", 0, None, True), ("adv_iter", 0, None, True), ("rmp_epsilon", 0, None, True),
     ("label_smoothing", 0, 1, True), ("workers", 0, None, True),
     ("eval_every", 1, None, True), ("image_size", 8, None, True), ("eval_batch_size", 1, None, True),
     ("seed", 0, 2 ** 32 - 1, True), ("progress_every", 0, None, True),
@@ -228,6 +241,8 @@ def _validate(cfg: Config, new: bool = True):
     from data_utils import DATASETS as _DATASETS
     if cfg.autoaugment and cfg.autoaugment_policy == "sam" and _DATASETS[cfg.dataset].channels != 3:
         raise UsageError(f"autoaugment_policy: the SAM code's policy takes RGB images; {cfg.dataset} has 1 channel")
+    from runner import methods
+    methods.validate(cfg, UsageError)
     if cfg.sam_m and cfg.precision == "fp16":  # its per-pass unscaling would rescale the running sum
         raise UsageError("sam_m: m-sharpness does not work with precision fp16 (use bf16 or fp32)")
     if any(m < 0 for m in cfg.milestones) or cfg.milestones != sorted(cfg.milestones):
@@ -489,5 +504,5 @@ def parse_config(argv):
                and getattr(cfg, k) != getattr(from_file, k)]  # (in field order: the same text on resume)
     if changed and cfg.paper_error is not None and not any(k.startswith("paper_") for k in args):
         cfg.paper_ref = f"{cfg.paper_ref} [not comparable: {', '.join(changed)} changed the setting]"
-        cfg.paper_error = cfg.paper_spread = None
+        cfg.paper_error = cfg.paper_spread = cfg.paper_nll = None
     return cfg, set(values)

@@ -102,7 +102,7 @@ def check_checkpoint(ckpt, path) -> Config:
 
 
 # Fields that name a run rather than what it computes (a recipe's row compares the rest).
-NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error", "paper_spread"}
+NAMING = {"name", "out_dir", "resume", "on_existing", "paper_ref", "paper_error", "paper_spread", "paper_nll"}
 
 
 def read_checkpoint(run_dir: str, prefix: str = "", missing: str = " (the run saved nothing yet)"):
@@ -212,11 +212,15 @@ def write_summary(run_dir, cfg, history, status, message, train_time, images, wa
         "final_test_error_top5": tested[-1].get("test_error_top5") if tested else None,
         "best_test_error_top5": min(top5) if top5 else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
+        # test NLL and the training criterion's test loss (smoothing, flooding) after the last evaluation
+        "final_test_nll": tested[-1]["test_loss"] if tested else None,
+        "final_test_criterion_loss": tested[-1].get("test_criterion_loss") if tested else None,
         "epochs_completed": len(history), "epochs": cfg.epochs,
         "wall_time_s": round(wall, 3), "train_time_s": round(train_time, 3),
         "images_per_s": round(images / train_time, 1) if train_time > 0 else None,
         "world_size": world, **({"rwp_mode": rwp_mode} if rwp_mode else {}),
         "paper_ref": cfg.paper_ref, "paper_error": cfg.paper_error, "paper_spread": cfg.paper_spread,
+        "paper_nll": cfg.paper_nll,
         **extra,  # data_read_from: the data folder actually read
     }
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")

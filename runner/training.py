@@ -121,7 +121,7 @@ def autocast_for(cfg: Config, device):
 
 
 def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.0, scaler=None,
-                 label_smoothing=0.0, l2=0.0, part_size=0):
+                 label_smoothing=0.0, l2=0.0, part_size=0, regularizers=None):
     """The closure every optimizer steps with: closure(batch=0, loss_weight=1.0) zeroes the grads,
     computes L = CE_ε(net(x_b), y_b) (label smoothing ε; under `autocast`), back-propagates
     w·(L + ½·l2·‖θ‖²) (as S·w·(...), unscaled after, when an fp16 `scaler` is given; the L2 term
@@ -130,23 +130,35 @@ def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.
 
     With `part_size` m > 0 and a batch of B > m examples the closure has `parts` = ⌈B/m⌉ and
     `closure(part=i)` is SAM's m-sharpness form: no zeroing, the gradient of (n_i/B)·(L_i + ½·l2·‖θ‖²)
-    on examples [i·m, (i+1)·m) is added to .grad, the clip applies after the last part only."""
+    on examples [i·m, (i+1)·m) is added to .grad, the clip applies after the last part only.
+
+    `regularizers` (runner.methods.Regularizers): its criterion replaces the cross-entropy, its
+    adversarial and MixUp inputs (made here, once per step) replace the batches, and its RMP noise
+    is added to the weights around forward and backward of every pass."""
     import contextlib
     import torch
 
     n = len(batches[0][1])
+    # (x, y, λ, y_π) per batch: MixUp's per-sample λ and permuted targets, else None
+    batches = regularizers.prepare(batches) if regularizers is not None else [(x, y, None, None) for x, y in batches]
     parts = -(-n // part_size) if 0 < part_size < n else 1
 
     def closure(batch=0, loss_weight=1.0, part=None):
-        x, y = batches[batch]
+        x, y, *mix = batches[batch]
         if part is None:
             optimizer.zero_grad(set_to_none=True)
         else:  # m-sharpness: sub-batch `part`, weighted by its share of the batch
-            x, y = x[part * part_size:(part + 1) * part_size], y[part * part_size:(part + 1) * part_size]
+            cut = slice(part * part_size, (part + 1) * part_size)
+            x, y, mix = x[cut], y[cut], [None if t is None else t[cut] for t in mix]
             loss_weight = loss_weight * len(y) / n
+        if regularizers is not None:
+            regularizers.perturb()  # RMP: θ' + ξ
         with autocast if autocast is not None else contextlib.nullcontext():
             outputs = net(x)
-            loss = torch.nn.functional.cross_entropy(outputs, y, label_smoothing=label_smoothing)
+            if regularizers is not None:
+                loss = regularizers.criterion(outputs, y, *mix)
+            else:
+                loss = torch.nn.functional.cross_entropy(outputs, y, label_smoothing=label_smoothing)
         total = loss
         if l2 > 0:  # ½·λ·‖θ‖², in fp32, on every parameter (BN and biases included, as the SAM code)
             total = loss + 0.5 * l2 * torch.stack([p.float().square().sum() for p in params]).sum()
@@ -157,17 +169,20 @@ def make_closure(optimizer, net, params, batches, *, autocast=None, clip_norm=0.
             scaler.backward(weighted)
         if clip_norm > 0 and (part is None or part == parts - 1):
             torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+        if regularizers is not None:
+            regularizers.restore()  # RMP: θ' exactly
         return outputs, loss.detach()
     closure.parts = parts
     return closure
 
 
-def test_totals(net, batches, device, channels_last=False, autocast=None, num_classes=10):
+def test_totals(net, batches, device, channels_last=False, autocast=None, num_classes=10, criterion=None, group=0):
     """(Σ cross-entropy, top-1 wrong, n, top-5 wrong) as a float64 tensor of `net` (in eval mode)
     over `batches` (this process's shard of the test set); top-5 is top-min(5, classes). The
-    evaluation of training and of `main.py --evaluate`."""
+    evaluation of training and of `main.py --evaluate`. With a `criterion` (runner.methods.Criterion)
+    a 5th total: its test_sum over groups of `group` samples (the training criterion's test loss)."""
     import torch
-    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    totals = torch.zeros(4 if criterion is None else 5, device=device, dtype=torch.float64)
     k = min(5, num_classes)
     with torch.no_grad():
         for x, y in batches:
@@ -182,6 +197,8 @@ def test_totals(net, batches, device, channels_last=False, autocast=None, num_cl
             totals[1] += (out.argmax(1) != y).sum()
             totals[2] += len(y)
             totals[3] += (out.topk(k, 1).indices != y.view(-1, 1)).all(1).sum()  # y not in the top k
+            if criterion is not None:
+                totals[4] += criterion.test_sum(out, y, group)
     return totals
 
 
@@ -255,6 +272,10 @@ class Trainer:
         self.model, self.net, no_sync = build_net(cfg, info, self.device, self.world)
         self.optimizer = build_optimizer(cfg, self.model, self.world, no_sync)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # clipped in the closure
+        from runner.methods import Criterion, build_regularizers
+        self.criterion = Criterion(info.num_classes, cfg.label_smoothing, cfg.label_smoothing_style, cfg.flooding)
+        self.regularizers = build_regularizers(cfg, self.model, self.params, info.num_classes,
+                                               autocast_for(cfg, self.device))
 
         # one loader per batch a step consumes; under torchrun, ranks split into groups
         per_step = getattr(self.optimizer, "batches_per_step", 1)
@@ -362,7 +383,8 @@ class Trainer:
         return make_closure(self.optimizer, self.net, self.params, batches, autocast=self.autocast,
                             clip_norm=cfg.clip_norm, scaler=self.scaler, label_smoothing=cfg.label_smoothing,
                             l2=cfg.weight_decay if cfg.weight_decay_in_loss else 0.0,
-                            part_size=cfg.sam_m if cfg.optimizer in ("sam", "asam") else 0)
+                            part_size=cfg.sam_m if cfg.optimizer in ("sam", "asam") else 0,
+                            regularizers=self.regularizers)
 
     def agree(self, bad_step=None):
         """(signal number or 0, first non-finite step or -1), the same on every rank: under torchrun
@@ -466,7 +488,9 @@ class Trainer:
     def evaluate(self):
         """(test loss, top-1 error %, top-5 error %) of the model at θ on the whole test set, each
         sample counted once (rank r of W takes samples r, r + W, ...); folder data: unreadable images
-        are left out and counted in self.bad_test_images."""
+        are left out and counted in self.bad_test_images. The test loss is the NLL (plain
+        cross-entropy); self.test_criterion_loss is the training criterion (smoothing, flooding per
+        batch of batch_size samples) on the same samples, the test loss the AMP code reported."""
         import data_utils
         if self.world > 1:  # every rank evaluates rank 0's BN statistics
             import torch.distributed as dist
@@ -485,18 +509,19 @@ class Trainer:
         net = self.net if self.world == 1 else self.model
         torch, error = self.torch, ""
         try:
-            totals = test_totals(net, batches, self.device, self.cfg.channels_last, self.autocast, self.info.num_classes)
+            totals = test_totals(net, batches, self.device, self.cfg.channels_last, self.autocast, self.info.num_classes,
+                                 criterion=self.criterion, group=self.cfg.batch_size)
         except data_utils.DataError as e:  # a run of unreadable files: under torchrun every rank stops
             if self.world == 1:
                 raise
-            error, totals = f"rank {self.rank}: {e}", torch.zeros(4, device=self.device, dtype=torch.float64)
+            error, totals = f"rank {self.rank}: {e}", torch.zeros(5, device=self.device, dtype=torch.float64)
         extra = ([self.folder.bad_test_images] if self.folder is not None else []) + (
             [float(bool(error))] if self.world > 1 else [])
         totals = torch.cat([totals, totals.new_tensor(extra)])  # unreadable images left out; a rank failed
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(totals)
-        loss, wrong, n, wrong5, *extra = totals.tolist()
+        loss, wrong, n, wrong5, criterion_loss, *extra = totals.tolist()
         if self.world > 1 and extra.pop() > 0:
             messages = [""] * self.world
             dist.all_gather_object(messages, error)
@@ -507,6 +532,7 @@ class Trainer:
         if n == 0:
             raise data_utils.DataError(f"{self.cfg.dataset}: no readable test image"
                                        + (f" ({int(extra[0])} unreadable)" if extra else ""))
+        self.test_criterion_loss = criterion_loss / n  # the training criterion on the test set
         return loss / n, 100.0 * wrong / n, 100.0 * wrong5 / n
 
     def bad_images(self):

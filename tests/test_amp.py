@@ -397,19 +397,41 @@ nesterov weight_decay schedule milestones lr_decay lr_updates_per_epoch clip_nor
 pad_mode pad_fill flip cutout cutout_size cutout_prob cutout_style autoaugment mean std epsilon inner_lr
 inner_iter amp_ball gamma alpha arwp arwp_eta arwp_beta gamma_final rho adaptive_eta bn_update seed device
 precision channels_last compile workers eval_every out_dir name paper_ref paper_error paper_spread
+paper_nll label_smoothing label_smoothing_style flooding mixup_alpha mixup_beta adv_epsilon adv_step adv_iter
+rmp_epsilon
 """.split())
 DATASETS = ("svhn", "cifar10", "cifar100")
 CUTOUT_SIZE = {"cifar10": 16, "cifar100": 8, "svhn": 20}
 # hiyouga/AMP-Regularizer @ 87e689f README.md and the AMP paper (arXiv 2010.04925): (epsilon, inner_lr, inner_iter)
 HYPER = {"preactresnet18": (0.5, 1, 1), "vgg16": (0.1, 0.2, 1),
          "standard": (0.5, 1, 1), "cutout": (0.3, 0.5, 1), "autoaugment": (0.1, 0.1, 1)}
-# AMP paper (arXiv 2010.04925), PreActResNet18/VGG16 table: model -> dataset -> (ERM error, spread, AMP error, spread)
+# AMP paper (arXiv 2010.04925), Table A as in the authors' slides and poster (hiyouga/AMP-Poster-Slides-LaTeX
+# slides/experiments.tex): model -> method -> (error, spread, NLL) on SVHN, CIFAR-10, CIFAR-100
 TABLE_A = {
-    "preactresnet18": {"svhn": (2.95, 0.063, 2.30, 0.025), "cifar10": (5.02, 0.212, 3.97, 0.091),
-                       "cifar100": (24.31, 0.303, 21.51, 0.308)},
-    "vgg16": {"svhn": (3.14, 0.060, 2.73, 0.015), "cifar10": (6.32, 0.193, 5.65, 0.147),
-              "cifar100": (27.84, 0.297, 25.60, 0.168)},
+    "preactresnet18": {
+        "erm": ((2.95, 0.063, 0.166), (5.02, 0.212, 0.239), (24.31, 0.303, 1.056)),
+        "dropout": ((2.80, 0.065, 0.156), (4.86, 0.148, 0.223), (24.48, 0.351, 1.110)),
+        "smoothing": ((2.78, 0.087, 0.998), (4.85, 0.115, 1.038), (22.07, 0.256, 2.099)),
+        "flooding": ((2.84, 0.047, 0.130), (4.97, 0.082, 0.166), (24.50, 0.234, 0.950)),
+        "mixup": ((2.74, 0.044, 0.146), (4.09, 0.117, 0.198), (21.78, 0.210, 0.910)),
+        "adv": ((2.77, 0.080, 0.151), (4.99, 0.085, 0.247), (25.23, 0.229, 1.110)),
+        "rmp": ((2.93, 0.066, 0.161), (4.97, 0.167, 0.239), (24.28, 0.138, 1.059)),
+        "amp": ((2.30, 0.025, 0.096), (3.97, 0.091, 0.129), (21.51, 0.308, 0.774))},
+    "vgg16": {
+        "erm": ((3.14, 0.060, 0.140), (6.32, 0.193, 0.361), (27.84, 0.297, 1.827)),
+        "dropout": ((2.96, 0.049, 0.134), (6.22, 0.147, 0.314), (27.72, 0.337, 1.605)),
+        "smoothing": ((3.07, 0.070, 1.004), (6.29, 0.158, 1.076), (27.49, 0.179, 2.310)),
+        "flooding": ((3.15, 0.085, 0.128), (6.26, 0.145, 0.234), (27.93, 0.271, 1.221)),
+        "mixup": ((3.09, 0.057, 0.160), (5.48, 0.112, 0.251), (26.81, 0.254, 1.136)),
+        "adv": ((2.94, 0.091, 0.122), (6.49, 0.130, 0.380), (29.12, 0.145, 1.535)),
+        "rmp": ((3.19, 0.052, 0.134), (6.30, 0.109, 0.363), (27.81, 0.327, 1.873)),
+        "amp": ((2.73, 0.015, 0.116), (5.65, 0.147, 0.207), (25.60, 0.168, 1.049))},
 }
+# the authors' flags (hiyouga/AMP-Regularizer README.md at 768b374) in our names
+BASELINES = {"dropout": {"dropout": 0.1}, "smoothing": {"label_smoothing": 0.2, "label_smoothing_style": "amp"},
+             "flooding": {"flooding": 0.02}, "mixup": {"mixup_alpha": 1.0, "mixup_beta": 1.0},
+             "adv": {"adv_epsilon": 1, "adv_step": 1, "adv_iter": 1}, "rmp": {"rmp_epsilon": 0.1}}
+METHOD_FIELDS = {k for v in BASELINES.values() for k in v}
 # AMP paper (arXiv 2010.04925), WRN-28-10/PyramidNet table: (dataset, aug) -> WRN ERM, WRN AMP, PyramidNet ERM, PyramidNet AMP (error, spread)
 TABLE_B = {
     ("svhn", "standard"): ((2.57, 0.067), (2.19, 0.036), (2.47, 0.034), (2.11, 0.041)),
@@ -425,12 +447,12 @@ TABLE_B = {
 
 
 def expected_rows():
-    """file name -> (model, dataset, aug, method, paper error, paper spread)"""
+    """file name -> (model, dataset, aug, method, paper error, paper spread[, paper NLL])"""
     rows = {}
-    for model, per_dataset in TABLE_A.items():
-        for dataset, (erm, erm_s, amp_, amp_s) in per_dataset.items():
-            rows[f"tableA_{dataset}_{model}_erm.yaml"] = (model, dataset, "standard", "erm", erm, erm_s)
-            rows[f"tableA_{dataset}_{model}_amp.yaml"] = (model, dataset, "standard", "amp", amp_, amp_s)
+    for model, per_method in TABLE_A.items():
+        for method, cells in per_method.items():
+            for dataset, cell in zip(DATASETS, cells):
+                rows[f"tableA_{dataset}_{model}_{method}.yaml"] = (model, dataset, "standard", method, *cell)
     for (dataset, aug), (wrn_erm, wrn_amp, pyr_erm, pyr_amp) in TABLE_B.items():
         for model, erm, amp_ in (("wrn28_10", wrn_erm, wrn_amp), ("pyramidnet164_270", pyr_erm, pyr_amp)):
             rows[f"tableB_{dataset}_{model}_{aug}_erm.yaml"] = (model, dataset, aug, "erm", *erm)
@@ -440,10 +462,10 @@ def expected_rows():
 
 def test_amp_configs_match_paper_tables():
     rows = expected_rows()
-    assert len(rows) == 48
+    assert len(rows) == 48 + 36
     found = {os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "configs", "amp", "*.yaml"))}
     assert found == set(rows)
-    for fname, (model, dataset, aug, method, error, spread) in rows.items():
+    for fname, (model, dataset, aug, method, error, spread, *nll) in rows.items():
         path = os.path.join(ROOT, "configs", "amp", fname)
         text = open(path).read()
         assert text.startswith("#") and f"python main.py --config configs/amp/{fname} --seed 0" in text, fname
@@ -452,7 +474,12 @@ def test_amp_configs_match_paper_tables():
         assert all(isinstance(v, (str, int, float, bool, list)) for v in cfg.values()), fname
         assert (cfg["dataset"], cfg["model"]) == (dataset, model), fname
         assert cfg["paper_error"] == error and cfg["paper_spread"] == spread and cfg["paper_ref"], fname
-        if method == "erm":
+        assert cfg.get("paper_nll") == (nll[0] if nll else None), fname
+        assert {k: cfg[k] for k in METHOD_FIELDS & set(cfg)} == BASELINES.get(method, {}), fname
+        if method in BASELINES:
+            assert cfg["optimizer"] == "sgd" and not {"epsilon", "inner_lr", "inner_iter"} & set(cfg), fname
+            assert "hiyouga/AMP-Regularizer README.md at 768b374" in text, fname
+        elif method == "erm":
             assert cfg["optimizer"] == "sgd" and not {"epsilon", "inner_lr", "inner_iter"} & set(cfg), fname
         else:
             hyper = HYPER[model if fname.startswith("tableA") else aug]

@@ -220,7 +220,9 @@ def test_end_to_end_perturbation_optimizers(tmp_path, optimizer):
 @pytest.mark.parametrize("optimizer,extra", [
     ("sgd", []), ("amp", []), ("rwp", []), ("sam", []),
     ("sgd", ["--autoaugment", "--workers", "0"]),  # per-sample transforms, in the main process
-], ids=["sgd", "amp", "rwp", "sam", "sgd-autoaugment"])
+    ("amp", ["--mixup_alpha", "1", "--adv_epsilon", "2", "--rmp_epsilon", "0.1", "--flooding", "0.02",
+             "--label_smoothing", "0.1", "--label_smoothing_style", "amp"]),  # Table A methods: global-RNG draws
+], ids=["sgd", "amp", "rwp", "sam", "sgd-autoaugment", "amp-table-a-methods"])
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys, optimizer, extra):
     """SIGTERM during step 2 of epoch 2 (4 steps an epoch): the run saves after that step (epoch 1
     + 2 steps), exits 143, and --resume finishes with exactly the metrics of an uninterrupted run."""
