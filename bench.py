@@ -87,7 +87,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser():
     p = _Parser(prog="bench.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                 epilog="Any other --flag is a main.py Config field (python main.py --help lists them). "
-                       "`python bench.py imagenet_pipeline --help`: the ImageNet file pipeline against the official one.")
+                       "`python bench.py imagenet_pipeline --help`: the ImageNet file pipeline against the official one; "
+                       "`python bench.py flatness --help`: flatness.py's Hessian-vector product.")
     p.add_argument("--optimizers", nargs="*", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
                    metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} "
                    "(default: sgd amp rwp sam; none = time only the pipeline and evaluation)")
@@ -863,6 +864,9 @@ def bench_imagenet_pipeline(argv):
 def main_cli(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["flatness"]:                 # the Hessian-vector product (bench_flatness.py)
+            import bench_flatness
+            return bench_flatness.main_cli(argv[1:])
         if argv[:1] == ["imagenet_pipeline"]:
             bench_imagenet_pipeline(argv[1:])
             return 0
