@@ -1,18 +1,21 @@
 """Flatness analysis of trained runs: Hessian spectrum, each method's own sharpness, loss landscapes.
 
-    python flatness.py RUN_DIR [RUN_DIR ...] [--samples 2048] [--grid 11] [--out flatness_out]
+    python flatness.py RUN_DIR [RUN_DIR ...] [--samples 2048] [--grid 21] [--out flatness_out]
 
 For each run folder (as main.py writes it) the model of its last checkpoint is rebuilt with the
 runner's own model code, and one analysis set is fixed: a seeded subset (--data_seed) of --samples
 images of the run's own training data (its train_size subset when it used one), normalised with
 the run's mean/std, without augmentation. L(θ) is the mean cross-entropy over that set. Measured:
 
-  curvature   top --top_k Hessian eigenvalues (Lanczos/ARPACK on curvlinops Hessian-vector
-              products), the trace (Hutchinson, --trace_matvecs vectors, mean ± s.e.), and with
-              --density the spectral density (Papyan's Lanczos quadrature); always in fp32
+  curvature   top --top_k Hessian eigenvalues (Lanczos/ARPACK on Hessian-vector products, --hvp),
+              the trace (Hutchinson deflated by the top eigenvectors, products until its 95 %
+              bootstrap-t interval is within --trace_rtol), and with --density the spectral density
+              (stochastic Lanczos quadrature: raw nodes/weights, λ_min, width σ); always in fp32
   sharpness   SAM  L(θ + ρ g/‖g‖) − L(θ)                         (--rho, sam.py's perturbation)
               AMP  worst L in the per-tensor ε-ball − L(θ)         (--epsilon --inner_lr --amp_iter, amp.py)
               RWP  E[L(θ + filter-wise noise of scale γ)] − L(θ)  (--gamma --rwp_draws, rwp.py), ± s.e.
+  adaptive    adaptive sharpness in the |w|-scaled ball (Andriushchenko et al., ICML 2023): worst
+              case L∞ and L2 (momentum ascent), average case L2 (--adaptive_rho_* --adaptive_iters)
   landscape   L and error along one (1-D, --grid points) and two (2-D, --grid² points) random
               filter-normalised directions (Li et al., NeurIPS 2018), the same seeded directions
               (--direction_seed) for every run of one architecture
@@ -20,13 +23,16 @@ the run's mean/std, without augmentation. L(θ) is the mean cross-entropy over t
 BatchNorm uses its running statistics (eval mode) unless --bn train. The radii are the same for
 every run (defaults: the runner's defaults), so the numbers compare across optimizers.
 
-Writes: the Markdown table on stdout (one row per run, grouped like report.py), and in --out:
-flatness.md, landscape_1d.png (overlaid curves), landscape_2d.png (contours), landscape.csv, and
-each run's record <run>/flatness.json (all numbers, the 1-D/2-D grids, the settings); --json and
---csv write the per-run rows. Definitions and sources: docs/flatness.md.
+Writes: the Markdown table on stdout (one row per run, grouped like report.py, with the run's test
+error and generalization gap; with ≥ 3 runs the Kendall τ of each measure with them), and in --out:
+flatness.md, landscape_1d.png (overlaid curves), landscape_2d.png (contours), landscape.csv,
+spectral_density.png (--density), correlation.png (≥ 3 runs), and each run's record
+<run>/flatness.json (all numbers, the 1-D/2-D grids, the settings; --save_eigenvectors also
+<run>/hessian_eigenvectors.pt); --json and --csv write the per-run rows. Definitions and sources:
+docs/flatness.md.
 
 Exit codes: 0 done; 2 bad input (not a run folder, a checkpoint that does not fit its model, an
-analysis set larger than the data, the optional curvlinops-for-pytorch missing) with one line.
+analysis set larger than the data) with one line.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from runner.records import output_problem
 MEASURES = ("curvature", "sharpness", "adaptive", "landscape")
 RECORD = "flatness.json"   # the per-run record in the run folder (report.py shows it when present)
 EIGENVECTORS = "hessian_eigenvectors.pt"   # --save_eigenvectors, in the run folder
-CSV_FIELDS = ["run_dir", "dataset", "model", "optimizer", "setting", "seed", "loss", "error",
+CSV_FIELDS = ["run_dir", "dataset", "model", "optimizer", "setting", "seed", "loss", "error", "test_error", "gap",
               "hessian_top_eigenvalues", "hessian_trace", "hessian_trace_low", "hessian_trace_high",
               "hessian_lambda_min", "sam_sharpness", "amp_sharpness", "rwp_sharpness", "rwp_sharpness_se",
               "adaptive_worst_linf", "adaptive_worst_l2", "adaptive_average_l2"]
@@ -281,7 +287,7 @@ def _trace_cell(r):
 
 def markdown(rows, args) -> str:
     show_setting = any(r["setting"] for r in rows)
-    head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + ["seed", "loss", "error %"]
+    head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + ["seed", "loss", "error %", "test error %", "gap"]
     if "curvature" in args.measures:
         head += ["λ_max", f"top-{args.top_k} λ", "tr H [95% interval]"] + (["λ_min"] if args.density else [])
     if "sharpness" in args.measures:
@@ -295,6 +301,7 @@ def markdown(rows, args) -> str:
     for r in rows:
         cells = [r["dataset"], r["model"], r["optimizer"]] + ([r["setting"] or "–"] if show_setting else [])
         cells += [str(r["seed"]), _fmt(r["loss"]), f"{r['error']:.2f}"]
+        cells += ["–" if r.get("test_error") is None else f"{r[k]:.2f}" for k in ("test_error", "gap")]
         if "curvature" in args.measures:
             eig = r["hessian_top_eigenvalues"]
             cells += [_fmt(eig[0]), ", ".join(_fmt(v) for v in eig), _trace_cell(r)]
@@ -309,7 +316,8 @@ def markdown(rows, args) -> str:
             cells += [f"{_fmt(c[0])} / {_fmt(c[-1])}"]
         lines.append("| " + " | ".join(cells) + " |")
     note = [f"Analysis set: {args.samples} training images per run (seed {args.data_seed}), BatchNorm in "
-            f"{args.bn} mode; loss = mean cross-entropy, error = top-1 error on the set."]
+            f"{args.bn} mode; loss = mean cross-entropy, error = top-1 error on the set; test error = the run's "
+            "final test error, gap = test error − error on the set."]
     if "curvature" in args.measures:
         note.append("λ: Hessian eigenvalues (fp32); tr H: deflated Hutchinson estimate with its 95% bootstrap-t "
                     f"interval (products until within ±{args.trace_rtol:g}, at most {args.trace_matvecs})."
@@ -403,7 +411,14 @@ def main(argv=None) -> int:
         raise
     rank = {o: i for i, o in enumerate(("sgd", "amp", "rwp", "sam", "asam"))}
     rows.sort(key=lambda r: (r["dataset"], r["model"], r["setting"], rank.get(r["optimizer"], 9), r["seed"]))
+    from runner import flatness_across as across
+    across.add_targets(rows)
     table = markdown(rows, args)
+    corr = across.correlations(rows)
+    if corr:                                                        # ≥ 3 runs with a test error
+        table += (f"\nAcross the {len(rows)} runs: Kendall τ between each measure and the test error and gap "
+                  "(scatter: correlation.png).\n\n" + across.markdown(corr, _fmt))
+        across.scatter(rows, os.path.join(args.out, "correlation.png"))
     sys.stdout.write(table)
     with open(os.path.join(args.out, "flatness.md"), "w") as f:
         f.write(table)
