@@ -52,7 +52,8 @@ def plot(rows, out, args):
         return
     cols = min(len(two), 3)
     nrows = (len(two) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols + 1.2, 4.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols + 1.2, 4.4 * nrows), squeeze=False,
+                             layout="constrained")
     top = max(max(map(max, r["landscape_2d"]["loss"])) for r in two)
     low = min(min(map(min, r["landscape_2d"]["loss"])) for r in two)
     # log-spaced levels: the basin (near L(θ)) stays visible next to the walls (often 100× higher)
@@ -70,6 +71,9 @@ def plot(rows, out, args):
     for a in list(axes.flat)[len(two):]:
         a.axis("off")
     bar = fig.colorbar(cs, ax=axes.ravel().tolist(), shrink=0.9)
+    if not isinstance(levels, int):
+        bar.minorticks_off()
+        bar.set_ticks(levels[::4], labels=[fmt(float(v)) for v in levels[::4]])
     bar.set_label(LOSS, fontsize=11)
     fig.suptitle(f"2-D landscape: {LOSS}", fontsize=12)
     fig.savefig(os.path.join(out, "landscape_2d.png"), dpi=110)
