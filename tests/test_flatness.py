@@ -345,3 +345,17 @@ def test_bf16_and_bn_train_options_run_and_are_recorded(two_runs, tmp_path):
     assert b["loss"] != a["loss"]                         # batch statistics instead of running ones
     assert b["landscape_1d"]["loss"][1] != b["loss"]      # the curve ran in bf16, the reference in fp32
     assert b["landscape_1d"]["loss"][1] == pytest.approx(b["loss"], rel=0.05)
+
+
+def test_curvature_and_adaptive_flags_reach_the_record(two_runs, tmp_path):
+    _, runs = two_runs
+    assert flatness.main([runs[0], *QUICK, "--measures", "curvature", "adaptive", "landscape", "--no-2d",
+                          "--hvp", "recompute", "--density", "--density_width", "0.5", "--density_ncv", "3",
+                          "--density_probes", "1", "--trace_rtol", "0", "--adaptive_rho_linf", "0",
+                          "--log_loss", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    (r,) = json.loads((tmp_path / "r.json").read_text())
+    assert r["hvp"] == "recompute" and r["hessian_trace_matvecs"] == 3            # rtol 0: the whole budget
+    assert r["spectral_density"]["sigma"] == 0.5 and not r["spectral_density"]["sigma_default"]
+    assert len(r["spectral_density"]["nodes"]) == 1
+    assert r["adaptive_worst_linf"] == 0.0 and r["adaptive_worst_l2"] > 0
+    assert (tmp_path / "landscape_1d.png").exists() and (tmp_path / "spectral_density.png").exists()
