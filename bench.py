@@ -29,6 +29,7 @@ import platform
 import sys
 
 from runner.bench_decode import bench_jpeg_decode
+from runner.bench_flatness import main as bench_flatness
 from runner.bench_imagenet import bench_imagenet_pipeline
 from runner.bench_step import (OtherCPU, Parser, UsageError, add_flops, bench_eval, bench_pipeline, bench_train,
                                check_output, check_sync, device_for, device_name, profile_steps)
@@ -44,14 +45,15 @@ QUICK = dict(steps=2, warmup=1, repeats=1, pipeline_batches=2, eval_batches=1)
 DEFAULTS = {"cpu": dict(steps=1, warmup=2, repeats=10, pipeline_batches=50, eval_batches=2),
             "cuda": dict(steps=50, warmup=10, repeats=3, pipeline_batches=200, eval_batches=5)}
 # `python bench.py MODE ...`: the other benchmarks, each with its own flags (MODE --help)
-MODES = {"imagenet_pipeline": bench_imagenet_pipeline, "jpeg_decode": bench_jpeg_decode}
+MODES = {"imagenet_pipeline": bench_imagenet_pipeline, "jpeg_decode": bench_jpeg_decode, "flatness": bench_flatness}
 
 
 def _parser():
     p = Parser(prog="bench.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                epilog="Any other --flag is a main.py Config field (python main.py --help lists them). "
                       "`python bench.py imagenet_pipeline --help`: the ImageNet file pipeline against the official one; "
-                      "`python bench.py jpeg_decode --help`: JPEG decoding in CPU workers against on the GPU.")
+                      "`python bench.py jpeg_decode --help`: JPEG decoding in CPU workers against on the GPU; "
+                      "`python bench.py flatness --help`: flatness.py's Hessian-vector product.")
     p.add_argument("--optimizers", nargs="*", choices=BENCH_OPTIMIZERS, default=["sgd", "amp", "rwp", "sam"],
                    metavar="NAME", help=f"optimizers to time, from {', '.join(BENCH_OPTIMIZERS)} "
                    "(default: sgd amp rwp sam; none = time only the pipeline and evaluation)")

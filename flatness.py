@@ -1,18 +1,21 @@
 """Flatness analysis of trained runs: Hessian spectrum, each method's own sharpness, loss landscapes.
 
-    python flatness.py RUN_DIR [RUN_DIR ...] [--samples 2048] [--grid 11] [--out flatness_out]
+    python flatness.py RUN_DIR [RUN_DIR ...] [--samples 2048] [--grid 21] [--out flatness_out]
 
 For each run folder (as main.py writes it) the model of its last checkpoint is rebuilt with the
 runner's own model code, and one analysis set is fixed: a seeded subset (--data_seed) of --samples
 images of the run's own training data (its train_size subset when it used one), normalised with
 the run's mean/std, without augmentation. L(θ) is the mean cross-entropy over that set. Measured:
 
-  curvature   top --top_k Hessian eigenvalues (Lanczos/ARPACK on curvlinops Hessian-vector
-              products), the trace (Hutchinson, --trace_matvecs vectors, mean ± s.e.), and with
-              --density the spectral density (Papyan's Lanczos quadrature); always in fp32
+  curvature   top --top_k Hessian eigenvalues (Lanczos/ARPACK on Hessian-vector products, --hvp),
+              the trace (Hutchinson deflated by the top eigenvectors, products until its 95 %
+              bootstrap-t interval is within --trace_rtol), and with --density the spectral density
+              (stochastic Lanczos quadrature: raw nodes/weights, λ_min, width σ); always in fp32
   sharpness   SAM  L(θ + ρ g/‖g‖) − L(θ)                         (--rho, sam.py's perturbation)
               AMP  worst L in the per-tensor ε-ball − L(θ)         (--epsilon --inner_lr --amp_iter, amp.py)
               RWP  E[L(θ + filter-wise noise of scale γ)] − L(θ)  (--gamma --rwp_draws, rwp.py), ± s.e.
+  adaptive    adaptive sharpness in the |w|-scaled ball (Andriushchenko et al., ICML 2023): worst
+              case L∞ and L2 (momentum ascent), average case L2 (--adaptive_rho_* --adaptive_iters)
   landscape   L and error along one (1-D, --grid points) and two (2-D, --grid² points) random
               filter-normalised directions (Li et al., NeurIPS 2018), the same seeded directions
               (--direction_seed) for every run of one architecture
@@ -20,13 +23,16 @@ the run's mean/std, without augmentation. L(θ) is the mean cross-entropy over t
 BatchNorm uses its running statistics (eval mode) unless --bn train. The radii are the same for
 every run (defaults: the runner's defaults), so the numbers compare across optimizers.
 
-Writes: the Markdown table on stdout (one row per run, grouped like report.py), and in --out:
-flatness.md, landscape_1d.png (overlaid curves), landscape_2d.png (contours), landscape.csv, and
-each run's record <run>/flatness.json (all numbers, the 1-D/2-D grids, the settings); --json and
---csv write the per-run rows. Definitions and sources: docs/flatness.md.
+Writes: the Markdown table on stdout (one row per run, grouped like report.py, with the run's test
+error and generalization gap; with ≥ 3 runs the Kendall τ of each measure with them), and in --out:
+flatness.md, landscape_1d.png (overlaid curves), landscape_2d.png (contours), landscape.csv,
+spectral_density.png (--density), correlation.png (≥ 3 runs), and each run's record
+<run>/flatness.json (all numbers, the 1-D/2-D grids, the settings; --save_eigenvectors also
+<run>/hessian_eigenvectors.pt); --json and --csv write the per-run rows. Definitions and sources:
+docs/flatness.md.
 
 Exit codes: 0 done; 2 bad input (not a run folder, a checkpoint that does not fit its model, an
-analysis set larger than the data, the optional curvlinops-for-pytorch missing) with one line.
+analysis set larger than the data) with one line.
 """
 from __future__ import annotations
 
@@ -40,16 +46,18 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 from runner.config import UsageError
+from runner.flatness_plots import fmt as _fmt, plot, plot_density
 from runner.records import output_problem
 
-MEASURES = ("curvature", "sharpness", "landscape")
+MEASURES = ("curvature", "sharpness", "adaptive", "landscape")
 RECORD = "flatness.json"   # the per-run record in the run folder (report.py shows it when present)
-CSV_FIELDS = ["run_dir", "dataset", "model", "optimizer", "setting", "seed", "loss", "error",
-              "hessian_top_eigenvalues", "hessian_trace", "hessian_trace_se", "sam_sharpness",
-              "amp_sharpness", "rwp_sharpness", "rwp_sharpness_se"]
+EIGENVECTORS = "hessian_eigenvectors.pt"   # --save_eigenvectors, in the run folder
+CSV_FIELDS = ["run_dir", "dataset", "model", "optimizer", "setting", "seed", "loss", "error", "test_error", "gap",
+              "hessian_top_eigenvalues", "hessian_trace", "hessian_trace_low", "hessian_trace_high",
+              "hessian_lambda_min", "sam_sharpness", "amp_sharpness", "rwp_sharpness", "rwp_sharpness_se",
+              "adaptive_worst_linf", "adaptive_worst_l2", "adaptive_average_l2"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,18 +82,32 @@ def _parser():
       help="forward passes of sharpness and landscapes under bf16 autocast (curvature stays fp32)")
     a("--top_k", type=int, default=5, help="Hessian eigenvalues to compute (default 5)")
     a("--eig_tol", type=float, default=1e-3, help="ARPACK relative tolerance of the eigenvalues (default 1e-3)")
+    a("--hvp", choices=("graph", "recompute"), default="graph",
+      help="Hessian-vector products: keep the gradient graph of the set (graph, default, fast) or "
+           "redo it per product (recompute: half the speed, memory of one batch)")
+    a("--save_eigenvectors", action="store_true", help="write the top-k eigenvectors to RUN_DIR/hessian_eigenvectors.pt")
+    a("--trace_rtol", type=float, default=0.05,
+      help="trace: draw products until the 95%% interval is within ± this fraction (default 0.05)")
     a("--trace_matvecs", type=int, default=100,
-      help="Hutchinson vectors for the trace (default 100; ≥ the parameter count: exact)")
-    a("--density", action="store_true", help="also the spectral density (Papyan's Lanczos quadrature)")
-    a("--density_ncv", type=int, default=64, help="Lanczos vectors of the density (default 64)")
+      help="trace: at most this many products (default 100; ≥ the parameter count: exact)")
+    a("--density", action="store_true", help="also the spectral density (stochastic Lanczos quadrature)")
+    a("--density_ncv", type=int, default=64, help="Lanczos steps per probe of the density (default 64)")
+    a("--density_probes", type=int, default=4, help="random probe vectors of the density (default 4)")
+    a("--density_width", type=float, default=None,
+      help="Gaussian width σ of the density (default: a tenth of the spectrum's interquartile range)")
     a("--rho", type=float, default=0.05, help="SAM radius ρ (default 0.05)")
     a("--epsilon", type=float, default=0.5, help="AMP radius ε per tensor (default 0.5)")
     a("--inner_lr", type=float, default=1.0, help="AMP ascent step ζ (default 1)")
     a("--amp_iter", type=int, default=1, help="AMP ascent steps (default 1, as training; more finds a worse loss)")
     a("--gamma", type=float, default=0.01, help="RWP noise scale γ (default 0.01)")
     a("--rwp_draws", type=int, default=10, help="RWP Monte Carlo draws (default 10)")
+    a("--adaptive_rho_linf", type=float, default=0.002, help="adaptive worst-case L∞ radius (default 0.002)")
+    a("--adaptive_rho_l2", type=float, default=0.5, help="adaptive worst-case L2 radius (default 0.5)")
+    a("--adaptive_rho_avg", type=float, default=0.1, help="adaptive average-case L2 radius (default 0.1)")
+    a("--adaptive_iters", type=int, default=20, help="ascent steps and average-case draws per batch (default 20)")
     a("--noise_seed", type=int, default=0, help="seed of RWP's noise and the trace/eigen start vectors (default 0)")
-    a("--grid", type=int, default=11, help="landscape points per axis (default 11; 2-D costs grid²)")
+    a("--grid", type=int, default=21, help="landscape points per axis (default 21; 2-D costs grid²)")
+    a("--log_loss", action="store_true", help="1-D landscape plot with a log-scale loss axis")
     a("--span", type=float, default=1.0, help="landscape coordinates in [-span, span] (default 1)")
     a("--direction_seed", type=int, default=0, help="seed of the random directions (default 0)")
     a("--no-2d", dest="two_d", action="store_false", help="skip the 2-D landscape")
@@ -96,14 +118,16 @@ def _parser():
 
 
 def _check(args):
-    for name in ("samples", "batch_size", "top_k", "trace_matvecs", "rwp_draws", "density_ncv"):
+    for name in ("samples", "batch_size", "top_k", "trace_matvecs", "rwp_draws", "density_ncv", "density_probes",
+                 "adaptive_iters"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.amp_iter < 0:
         raise UsageError(f"--amp_iter must be >= 0, got {args.amp_iter}")
     if args.grid < 2:
         raise UsageError(f"--grid must be >= 2, got {args.grid}")
-    for name in ("rho", "epsilon", "inner_lr", "gamma", "span", "eig_tol"):
+    for name in ("rho", "epsilon", "inner_lr", "gamma", "span", "eig_tol", "trace_rtol", "adaptive_rho_linf",
+                 "adaptive_rho_l2", "adaptive_rho_avg"):
         v = getattr(args, name)
         if not v >= 0 or v == float("inf"):
             raise UsageError(f"--{name} must be a finite number >= 0, got {v}")
@@ -117,14 +141,8 @@ def _check(args):
             problem = output_problem(path)
             if problem:
                 raise UsageError(f"{flag}: {problem}")
-    if "curvature" in args.measures:
-        from runner.flatness_measures import _quiet
-        try:
-            with _quiet():
-                import curvlinops  # noqa: F401
-        except ImportError:
-            raise UsageError("the curvature measures need curvlinops-for-pytorch: pip install -r "
-                             "requirements-flatness.txt (or leave curvature out: --measures sharpness landscape)") from None
+    if args.density_width is not None and not 0 < args.density_width < float("inf"):
+        raise UsageError(f"--density_width must be a finite number > 0, got {args.density_width}")
 
 
 # ----------------------------------------------------------------------------- data and runs
@@ -184,7 +202,8 @@ def _labels(cfgs):
 # ----------------------------------------------------------------------------- one run
 
 def analyse(model, batches, args, device, bar=None):
-    """All requested measures of one model on one analysis set → a dict of plain numbers."""
+    """All requested measures of one model on one analysis set → (a dict of plain numbers, the top
+    Hessian eigenvectors as a [dim, top_k] array or None)."""
     import torch
     from runner import flatness_measures as fm
     model = fm.prepare_model(model, args.bn)
@@ -192,19 +211,14 @@ def analyse(model, batches, args, device, bar=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else None
     loss, error = fm.evaluate(model, batches)                       # fp32 reference point
     rec = {"loss": loss, "error": error, "parameters": sum(p.numel() for p in params)}
+    vectors = None
     if "curvature" in args.measures:
-        t0 = time.perf_counter()
-        H = fm.hessian_operator(model, params, batches)
-        eig, used = fm.top_eigenvalues(H, args.top_k, args.eig_tol, args.noise_seed, bar)
-        t1 = time.perf_counter()
-        trace, se, exact = fm.hessian_trace(H, args.trace_matvecs, args.noise_seed, bar)
-        t2 = time.perf_counter()
-        rec.update(hessian_top_eigenvalues=eig, hessian_eig_matvecs=used, hessian_eig_time_s=t1 - t0,
-                   hessian_trace=trace, hessian_trace_se=se, hessian_trace_exact=exact,
-                   hessian_trace_time_s=t2 - t1)
-        if args.density:
-            grid, density = fm.spectral_density(H, args.density_ncv, seed=args.noise_seed)
-            rec["spectral_density"] = {"eigenvalue": grid, "density": density}
+        from runner.hessian import curvature
+        curv, vectors = curvature(model, params, batches, args.top_k, args.eig_tol, args.noise_seed, args.hvp,
+                                  args.trace_rtol, args.trace_matvecs,
+                                  args.density_ncv if args.density else 0, args.density_probes,
+                                  args.density_width, bar)
+        rec.update(curv)
     if "sharpness" in args.measures:
         rec["sam_sharpness"], rec["sam_loss"], _ = fm.sam_sharpness(model, params, batches, args.rho, autocast)
         rec["amp_sharpness"], rec["amp_loss"], _ = fm.amp_sharpness(
@@ -212,6 +226,13 @@ def analyse(model, batches, args, device, bar=None):
         mean, se, _, losses = fm.rwp_sharpness(model, params, batches, args.gamma, args.rwp_draws,
                                                args.noise_seed, autocast, bar)
         rec.update(rwp_sharpness=mean, rwp_sharpness_se=se, rwp_losses=losses)
+    if "adaptive" in args.measures:
+        from runner import adaptive_sharpness as ad
+        with _ctx(autocast):
+            rec["adaptive_worst_linf"] = ad.worst_case(model, params, batches, args.adaptive_rho_linf, "linf", args.adaptive_iters)
+            rec["adaptive_worst_l2"] = ad.worst_case(model, params, batches, args.adaptive_rho_l2, "l2", args.adaptive_iters)
+            rec["adaptive_average_l2"] = ad.average_case(model, params, batches, args.adaptive_rho_avg, "l2",
+                                                         args.adaptive_iters, args.noise_seed)
     if "landscape" in args.measures:
         g = torch.Generator().manual_seed(args.direction_seed)
         d1 = fm.filter_normalized_direction(params, g)
@@ -224,7 +245,27 @@ def analyse(model, batches, args, device, bar=None):
             n = len(ax)
             rec["landscape_2d"] = {"alpha": ax, "beta": ax,
                                    "loss": [[two[j * n + i][0] for i in range(n)] for j in range(n)]}
-    return rec
+    return rec, vectors
+
+
+def _ctx(autocast):
+    import contextlib
+    return autocast if autocast is not None else contextlib.nullcontext()
+
+
+def save_eigenvectors(path, model, eigenvalues, vectors):
+    """{'eigenvalues': [k], 'eigenvectors': [k × {parameter name: tensor}]} (PyHessian's layout,
+    one tensor per parameter per eigenvector), float32 on the CPU."""
+    import torch
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = []
+    for j in range(vectors.shape[1]):
+        at, vec = 0, {}
+        for name, p in named:
+            vec[name] = torch.from_numpy(vectors[at:at + p.numel(), j].copy()).float().view(p.shape)
+            at += p.numel()
+        out.append(vec)
+    torch.save({"eigenvalues": eigenvalues, "eigenvectors": out}, path)
 
 
 def _work(args, model):
@@ -236,98 +277,65 @@ def _work(args, model):
         n += args.grid + (args.grid ** 2 if args.two_d else 0)
     if "curvature" in args.measures:
         n += min(args.trace_matvecs, sum(p.numel() for p in model.parameters() if p.requires_grad))
+        n += args.density_ncv * args.density_probes if args.density else 0
     return n
 
 
 # ----------------------------------------------------------------------------- output
 
-def _fmt(v, digits=4):
-    return "–" if v is None else f"{v:.{digits}g}"
+def _trace_cell(r):
+    if r["hessian_trace_exact"]:
+        return f"{_fmt(r['hessian_trace'])} (exact)"
+    return f"{_fmt(r['hessian_trace'])} [{_fmt(r['hessian_trace_low'])}, {_fmt(r['hessian_trace_high'])}]"
 
 
 def markdown(rows, args) -> str:
     show_setting = any(r["setting"] for r in rows)
-    head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + ["seed", "loss", "error %"]
+    head = ["dataset", "model", "optimizer"] + (["setting"] if show_setting else []) + ["seed", "loss", "error %", "test error %", "gap"]
     if "curvature" in args.measures:
-        head += ["λ_max", f"top-{args.top_k} λ", "tr H"]
+        head += ["λ_max", f"top-{args.top_k} λ", "tr H [95% interval]"] + (["λ_min"] if args.density else [])
     if "sharpness" in args.measures:
         head += [f"SAM ρ={args.rho:g}", f"AMP ε={args.epsilon:g}", f"RWP γ={args.gamma:g}"]
+    if "adaptive" in args.measures:
+        head += [f"adaptive worst L∞ ρ={args.adaptive_rho_linf:g}", f"adaptive worst L2 ρ={args.adaptive_rho_l2:g}",
+                 f"adaptive average L2 ρ={args.adaptive_rho_avg:g}"]
     if "landscape" in args.measures:
         head += [f"1-D L(±{args.span:g})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["dataset"], r["model"], r["optimizer"]] + ([r["setting"] or "–"] if show_setting else [])
         cells += [str(r["seed"]), _fmt(r["loss"]), f"{r['error']:.2f}"]
+        cells += ["–" if r.get("test_error") is None else f"{r[k]:.2f}" for k in ("test_error", "gap")]
         if "curvature" in args.measures:
             eig = r["hessian_top_eigenvalues"]
-            tr = _fmt(r["hessian_trace"]) + ("" if r["hessian_trace_exact"] else f" ± {_fmt(r['hessian_trace_se'], 2)}")
-            cells += [_fmt(eig[0]), ", ".join(_fmt(v, 3) for v in eig), tr]
+            cells += [_fmt(eig[0]), ", ".join(_fmt(v) for v in eig), _trace_cell(r)]
+            cells += [_fmt(r["hessian_lambda_min"])] if args.density else []
         if "sharpness" in args.measures:
             cells += [_fmt(r["sam_sharpness"]), _fmt(r["amp_sharpness"]),
-                      f"{_fmt(r['rwp_sharpness'])} ± {_fmt(r['rwp_sharpness_se'], 2)}"]
+                      f"{_fmt(r['rwp_sharpness'])} ± {_fmt(r['rwp_sharpness_se'])}"]
+        if "adaptive" in args.measures:
+            cells += [_fmt(r[k]) for k in ("adaptive_worst_linf", "adaptive_worst_l2", "adaptive_average_l2")]
         if "landscape" in args.measures:
             c = r["landscape_1d"]["loss"]
             cells += [f"{_fmt(c[0])} / {_fmt(c[-1])}"]
         lines.append("| " + " | ".join(cells) + " |")
     note = [f"Analysis set: {args.samples} training images per run (seed {args.data_seed}), BatchNorm in "
-            f"{args.bn} mode; loss = mean cross-entropy, error = top-1 error on the set."]
+            f"{args.bn} mode; loss = mean cross-entropy, error = top-1 error on the set; test error = the run's "
+            "final test error, gap = test error − error on the set."]
     if "curvature" in args.measures:
-        note.append(f"λ: Hessian eigenvalues (fp32); tr H ± standard error over {args.trace_matvecs} Hutchinson vectors.")
+        note.append("λ: Hessian eigenvalues (fp32); tr H: deflated Hutchinson estimate with its 95% bootstrap-t "
+                    f"interval (products until within ±{args.trace_rtol:g}, at most {args.trace_matvecs})."
+                    + (" λ_min: smallest Lanczos Ritz value of the density (an upper bound)." if args.density else ""))
     if "sharpness" in args.measures:
         note.append(f"Sharpness = perturbed loss − loss; AMP with {args.amp_iter} ascent step(s) of ζ={args.inner_lr:g}; "
                     f"RWP mean ± standard error over {args.rwp_draws} draws.")
+    if "adaptive" in args.measures:
+        note.append(f"Adaptive sharpness (Andriushchenko et al. 2023): per batch of {args.batch_size}, "
+                    f"{args.adaptive_iters} ascent steps / draws, mean over batches.")
     if "landscape" in args.measures:
         note.append(f"1-D L(±{args.span:g}): loss at the two ends of the filter-normalised direction.")
     note = " ".join(note)
     return "\n".join(lines) + "\n\n" + note + "\n"
-
-
-def _name(r):
-    return " ".join(x for x in (r["optimizer"], r["setting"], f"s{r['seed']}") if x)
-
-
-def plot(rows, out, args):
-    """landscape_1d.png (one line per run) and landscape_2d.png (one contour panel per run)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = {r["model"] for r in rows}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        c = r["landscape_1d"]
-        ax.plot(c["alpha"], c["loss"], marker=".", label=_name(r) + (f" ({r['model']})" if len(models) > 1 else ""))
-    ax.set_xlabel("α (filter-normalised direction)")
-    ax.set_ylabel("training loss (analysis set)")
-    ax.set_title(f"1-D loss landscape, direction seed {args.direction_seed}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "landscape_1d.png"), dpi=100)
-    plt.close(fig)
-    two = [r for r in rows if "landscape_2d" in r]
-    if not two:
-        return
-    import numpy as np
-    cols = min(len(two), 4)
-    nrows = (len(two) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.3 * nrows), squeeze=False)
-    top = max(max(map(max, r["landscape_2d"]["loss"])) for r in two)
-    low = min(min(map(min, r["landscape_2d"]["loss"])) for r in two)
-    # log-spaced levels: the basin (near L(θ)) stays visible next to the walls (often 100× higher)
-    levels = (np.geomspace(low, top, 15) if low > 0 else np.linspace(low, top, 15)) if top > low else 15
-    for a, r in zip(axes.flat, two):
-        s = r["landscape_2d"]
-        cs = a.contour(s["alpha"], s["beta"], s["loss"], levels=levels, cmap="viridis")
-        a.clabel(cs, fontsize=6, fmt="%.3g")
-        a.plot([0], [0], "r+")
-        a.set_title(f"{r['model']} {_name(r)}", fontsize=9)
-        a.set_xlabel("α")
-        a.set_ylabel("β")
-    for a in list(axes.flat)[len(two):]:
-        a.axis("off")
-    fig.suptitle("2-D loss landscape (same log-spaced contour levels in every panel)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "landscape_2d.png"), dpi=100)
-    plt.close(fig)
 
 
 def write_landscape_csv(rows, path):
@@ -388,7 +396,9 @@ def main(argv=None) -> int:
         for run_dir, (model, cfg), label, key in zip(args.runs, loaded, labels, keys):
             with tqdm(total=_work(args, model), desc=os.path.basename(os.path.normpath(run_dir)),
                       file=sys.stderr, disable=None, leave=False) as bar:
-                rec = analyse(model, data[key], args, device, bar)
+                rec, vectors = analyse(model, data[key], args, device, bar)
+            if args.save_eigenvectors and vectors is not None:
+                save_eigenvectors(os.path.join(run_dir, EIGENVECTORS), model, rec["hessian_top_eigenvalues"], vectors)
             row = dict(zip(("dataset", "model", "optimizer", "setting", "seed"), label))
             row = {"run_dir": run_dir, **row, **rec,
                    "settings": {k: v for k, v in vars(args).items() if k not in ("runs", "json", "csv", "out")}}
@@ -405,10 +415,19 @@ def main(argv=None) -> int:
         raise
     rank = {o: i for i, o in enumerate(("sgd", "amp", "rwp", "sam", "asam"))}
     rows.sort(key=lambda r: (r["dataset"], r["model"], r["setting"], rank.get(r["optimizer"], 9), r["seed"]))
+    from runner import flatness_across as across
+    across.add_targets(rows)
     table = markdown(rows, args)
+    corr = across.correlations(rows)
+    if corr:                                                        # ≥ 3 runs with a test error
+        table += (f"\nAcross the {len(rows)} runs: Kendall τ between each measure and the test error and gap "
+                  "(scatter: correlation.png).\n\n" + across.markdown(corr, _fmt))
+        across.scatter(rows, os.path.join(args.out, "correlation.png"))
     sys.stdout.write(table)
     with open(os.path.join(args.out, "flatness.md"), "w") as f:
         f.write(table)
+    if "curvature" in args.measures and args.density:
+        plot_density(rows, args.out)
     if "landscape" in args.measures:
         plot(rows, args.out, args)
         write_landscape_csv(rows, os.path.join(args.out, "landscape.csv"))

@@ -23,8 +23,7 @@
 # time shares; tests/test_gpu_visit.py runs it. --steps runs only some steps (a rerun of the failed ones
 # into the same OUT_DIR); --share sets a step's time share. VISIT_COMMIT names the commit where the
 # copy has no .git; PYTHON is the interpreter (default python3). The flatness step needs
-# curvlinops-for-pytorch and scipy (requirements-flatness.txt); without them it measures sharpness only
-# and fails. Exit code: 0 every step passed, 1 one failed or ran out of time, 2 bad arguments.
+# scipy (ARPACK, in requirements.txt); without it it measures sharpness only and fails. Exit code: 0 every step passed, 1 one failed or ran out of time, 2 bad arguments.
 set -uo pipefail
 HERE=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

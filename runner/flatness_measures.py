@@ -7,11 +7,8 @@ Everything is a function of the model's trainable parameters θ and the training
 computed batch by batch with sums, so the number does not depend on the batch size (except for
 BatchNorm in train mode, which normalises with each batch's statistics).
 
-Curvature (Hessian H = ∇²L(θ), through Hessian-vector products of curvlinops-for-pytorch):
-    top-k eigenvalues      scipy.sparse.linalg.eigsh (ARPACK, implicitly restarted Lanczos) on H
-    trace                  Hutchinson: tr H ≈ mean_j v_jᵀ H v_j, v_j Rademacher (mean ± s.e.);
-                           exact (Σ_i e_iᵀ H e_i) when the matvec budget covers the dimension
-    spectral density       Papyan (JMLR 2020) Lanczos quadrature, curvlinops' implementation
+Curvature (the Hessian H = ∇²L(θ)) is in runner/hessian.py and runner/spectrum.py, adaptive
+sharpness in runner/adaptive_sharpness.py.
 
 Each method's sharpness, with the method's own perturbation code (amp.py, sam.py, rwp.py):
     SAM   L(θ + ρ·g/(‖g‖+δ)) − L(θ),  g = ∇L(θ), one global norm          (SAM.perturb)
@@ -98,95 +95,6 @@ def gradient(model, params, batches, autocast=None):
             (loss / n).backward()
         total += loss.item()
     return total / n
-
-
-# ----------------------------------------------------------------------------- curvature
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence torch's own deprecation note on torch.jit.script, which importing curvlinops'
-    dependencies and torch's first forward-mode AD call (its JVP decompositions) trigger."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        yield
-
-
-def hessian_operator(model, params, batches, loss_func=None):
-    """H = ∇²L(θ) as a curvlinops HessianLinearOperator over all of `batches` (loss_func: default
-    mean cross-entropy; curvlinops weights each batch's mean by |B|/|S|, so H is the full set's)."""
-    with _quiet():
-        from curvlinops import HessianLinearOperator
-    loss_func = torch.nn.CrossEntropyLoss(reduction="mean") if loss_func is None else loss_func
-    return HessianLinearOperator(model, loss_func, params, batches, check_deterministic=False)
-
-
-class _Counted:
-    """Wraps a scipy LinearOperator's matvec with a counter (and a tqdm bar when given)."""
-
-    def __init__(self, op, bar=None):
-        from scipy.sparse.linalg import LinearOperator
-        self.count, self.bar = 0, bar
-
-        def mv(v):
-            self.count += 1
-            if self.bar is not None:
-                self.bar.update(1)
-            return op.matvec(v)
-        self.op = LinearOperator(op.shape, matvec=mv, rmatvec=mv, dtype=op.dtype)
-
-
-def top_eigenvalues(H, k=5, tol=1e-3, seed=0, bar=None):
-    """(the k largest (algebraic) eigenvalues of H in descending order, matvecs used), from ARPACK's
-    Lanczos (scipy.sparse.linalg.eigsh, which='LA') with a seeded start vector. `tol` is ARPACK's
-    relative accuracy of the Ritz values."""
-    import numpy as np
-    from scipy.sparse.linalg import eigsh
-    dim = H.shape[0]
-    if not 0 < k < dim:
-        raise ValueError(f"k must be in 1..{dim - 1} for {dim} parameters, got {k}")
-    op = _Counted(H.to_scipy(np.float64), bar)
-    v0 = np.random.default_rng(seed).standard_normal(dim)
-    with _quiet():
-        values = eigsh(op.op, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
-    return sorted((float(v) for v in values), reverse=True), op.count
-
-
-def hessian_trace(H, matvecs=100, seed=0, bar=None):
-    """(estimate, standard error, exact?) of tr H. Hutchinson with `matvecs` Rademacher vectors
-    (curvlinops.hutchinson_trace, one vector per call so the spread gives the standard error);
-    when matvecs ≥ dim, exactly Σ_i e_iᵀ H e_i (standard error 0)."""
-    with _quiet():
-        from curvlinops import hutchinson_trace
-    dim = H.shape[0]
-    if matvecs >= dim:
-        total = 0.0
-        e = torch.zeros(dim, device=H.device, dtype=H.dtype)
-        for i in range(dim):
-            e[i] = 1.0
-            total += float((H @ e)[i])                              # e_iᵀ H e_i
-            e[i] = 0.0
-            if bar is not None:
-                bar.update(1)
-        return total, 0.0, True
-    with torch.random.fork_rng(devices=[H.device] if H.device.type == "cuda" else []), _quiet():
-        torch.manual_seed(seed)
-        samples = []
-        for _ in range(matvecs):
-            samples.append(float(hutchinson_trace(H, 1)))
-            if bar is not None:
-                bar.update(1)
-    return _mean_se(samples) + (False,)
-
-
-def spectral_density(H, ncv=64, num_points=256, seed=0):
-    """(grid λ, density p(λ)) of H: Papyan's Lanczos approximation (curvlinops)."""
-    with _quiet():
-        from curvlinops import lanczos_approximate_spectrum
-    with torch.random.fork_rng(devices=[H.device] if H.device.type == "cuda" else []), _quiet():
-        torch.manual_seed(seed)
-        grid, density = lanczos_approximate_spectrum(H, min(ncv, H.shape[0] - 1), num_points=num_points)
-    return [float(v) for v in grid], [float(v) for v in density]
 
 
 def _mean_se(values):

@@ -90,7 +90,7 @@ def step_env(a, rec):
         if commit == "unknown":  # a copy without .git: the commit the caller names
             commit = os.environ.get("VISIT_COMMIT", "unknown")
         cuda = torch.cuda.is_available()
-        found = {m: importlib.util.find_spec(m) is not None for m in ("scipy", "curvlinops")}  # (step 5 needs them)
+        found = {m: importlib.util.find_spec(m) is not None for m in ("scipy",)}  # (step 5 needs it: ARPACK)
         return 0, dict(flatness_modules=found, torch=torch.__version__, torchvision=torchvision.__version__, cuda=torch.version.cuda,
                        cudnn=torch.backends.cudnn.version() if cuda else None, cuda_available=cuda,
                        device=device_name(torch.device(_device(a))), python=platform.python_version(),
@@ -233,11 +233,10 @@ def step_flatness(a, rec):
         rec.item("flatness", "python flatness.py RUN", lambda: (1, {"note": "no Fashion-MNIST run of step 4 finished"}))
         return
     try:
-        import curvlinops  # noqa: F401
         import scipy  # noqa: F401
         measures, note = ["curvature"], None
     except ImportError as e:
-        measures, note = ["sharpness"], f"curvature not measured: {e} (pip install -r requirements-flatness.txt)"
+        measures, note = ["sharpness"], f"curvature not measured: {e} (pip install scipy)"
     argv = flatness_argv(a, done[0], measures)
     rows = os.path.join("flatness", "rows.json")
 

@@ -13,6 +13,8 @@ import flatness
 import main
 from rwp import noise_seed
 from runner import flatness_measures as fm
+from runner import spectrum
+from runner.hessian import HessianOperator, top_eigenpairs
 from test_main import DATA, TINY
 
 
@@ -43,27 +45,28 @@ def test_least_squares_hessian_eigenvalues_and_trace_are_exact():
     Y = torch.randn(40, 1, generator=g, dtype=torch.float64)
     model = nn.Linear(12, 1, bias=False).double()
     batches = [(X[:15], Y[:15]), (X[15:], Y[15:])]
-    H = fm.hessian_operator(model, list(model.parameters()), batches, nn.MSELoss(reduction="mean"))
+    H = HessianOperator(model, list(model.parameters()), batches, loss_func=nn.MSELoss(reduction="sum"))
     exact = torch.linalg.eigvalsh(2 / 40 * X.T @ X).flip(0)
-    eig, _ = fm.top_eigenvalues(H, k=4, tol=1e-10)
+    eig, _ = top_eigenpairs(H, k=4, tol=1e-10)
     assert eig == sorted(eig, reverse=True)
     assert torch.allclose(torch.tensor(eig, dtype=torch.float64), exact[:4], rtol=1e-9, atol=0)
-    trace, se, is_exact = fm.hessian_trace(H, matvecs=12)
-    assert is_exact and se == 0.0
-    assert trace == pytest.approx(float(exact.sum()), rel=1e-12)
-    est, se, is_exact = fm.hessian_trace(H, matvecs=11, seed=3)            # Hutchinson: unbiased, ± s.e.
-    assert not is_exact and se > 0 and abs(est - float(exact.sum())) < 4 * se
+    r = spectrum.trace(H, max_matvecs=12)
+    assert r["exact"] and r["low"] == r["high"]
+    assert r["estimate"] == pytest.approx(float(exact.sum()), rel=1e-12)
+    r = spectrum.trace(H, rtol=0, min_matvecs=11, max_matvecs=11, seed=3)   # Hutchinson: unbiased, interval
+    assert not r["exact"] and r["matvecs"] == 11 and r["low"] < r["estimate"] < r["high"]
 
 
 def test_spectral_density_finds_two_eigenvalue_clusters():
     lam = torch.tensor([1.0] * 6 + [10.0] * 6, dtype=torch.float64)
     X = torch.diag((6 * lam).sqrt())                                         # H = (2/12) XᵀX = diag(λ)
     model = nn.Linear(12, 1, bias=False).double()
-    H = fm.hessian_operator(model, list(model.parameters()), [(X, torch.zeros(12, 1, dtype=torch.float64))],
-                            nn.MSELoss(reduction="mean"))
-    grid, density = fm.spectral_density(H, ncv=11, num_points=400)
-    step = grid[1] - grid[0]
-    assert 0.8 < sum(density) * step < 1.05           # a density (the bumps of the end eigenvalues are cut)
+    H = HessianOperator(model, list(model.parameters()), [(X, torch.zeros(12, 1, dtype=torch.float64))],
+                        loss_func=nn.MSELoss(reduction="sum"))
+    quad = spectrum.slq(H, steps=11, probes=2)
+    grid = list(spectrum.grid_for(quad, 0.5, points=400))
+    density = list(spectrum.density(quad, 0.5, grid))
+    assert sum((b - a) * p for a, b, p in zip(grid, grid[1:], density)) == pytest.approx(1.0, abs=0.02)
 
     def at(x):
         return density[min(range(len(grid)), key=lambda i: abs(grid[i] - x))]
@@ -73,9 +76,9 @@ def test_spectral_density_finds_two_eigenvalue_clusters():
 def test_cnn_top_eigenvalue_matches_an_autograd_power_iteration():
     model, batches = _cnn(), _data()
     params = list(model.parameters())
-    eig, _ = fm.top_eigenvalues(fm.hessian_operator(model, params, batches), k=2, tol=1e-8)
+    eig, _ = top_eigenpairs(HessianOperator(model, params, batches), k=2, tol=1e-8)
 
-    def hvp(v):  # double backward, independent of curvlinops
+    def hvp(v):  # double backward over the whole set, written out
         grads = torch.autograd.grad(_loss(model, batches), params, create_graph=True)
         return torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params)
 
@@ -245,7 +248,7 @@ def two_runs(tmp_path_factory):
 
 
 QUICK = ["--samples", "16", "--batch_size", "16", "--top_k", "2", "--eig_tol", "1e-2", "--trace_matvecs", "3",
-         "--rwp_draws", "2", "--grid", "3", "--device", "cpu"]
+         "--rwp_draws", "2", "--adaptive_iters", "2", "--grid", "3", "--device", "cpu"]
 
 
 def test_end_to_end_on_two_real_runs(two_runs, capsys):
@@ -253,7 +256,8 @@ def test_end_to_end_on_two_real_runs(two_runs, capsys):
     import numpy as np
     tmp, runs = two_runs
     out = tmp / "out"
-    code = flatness.main([*runs, *QUICK, "--out", str(out), "--json", str(tmp / "f.json"), "--csv", str(tmp / "f.csv")])
+    code = flatness.main([*runs, *QUICK, "--out", str(out), "--json", str(tmp / "f.json"), "--csv", str(tmp / "f.csv"),
+                          "--density", "--density_ncv", "5", "--density_probes", "2", "--save_eigenvectors"])
     assert code == 0
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and "wrn10_1" in line]
@@ -263,14 +267,22 @@ def test_end_to_end_on_two_real_runs(two_runs, capsys):
     for r in data:
         eig = r["hessian_top_eigenvalues"]
         assert len(eig) == 2 and eig[0] >= eig[1] and eig[0] > 0
-        assert math.isfinite(r["hessian_trace"]) and r["hessian_trace_se"] > 0
-        for key in ("sam_sharpness", "amp_sharpness", "rwp_sharpness", "rwp_sharpness_se"):
+        assert r["hessian_trace_low"] < r["hessian_trace"] < r["hessian_trace_high"] and r["hessian_trace_matvecs"] == 3
+        d = r["spectral_density"]
+        assert len(d["nodes"]) == len(d["weights"]) == 2 and d["sigma"] > 0 and d["sigma_default"]
+        assert r["hessian_lambda_min"] == min(min(n) for n in d["nodes"]) < eig[0]
+        for key in ("sam_sharpness", "amp_sharpness", "rwp_sharpness", "rwp_sharpness_se",
+                    "adaptive_worst_linf", "adaptive_worst_l2", "adaptive_average_l2"):
             assert math.isfinite(r[key])
+        saved = torch.load(os.path.join(r["run_dir"], flatness.EIGENVECTORS), weights_only=True)
+        assert saved["eigenvalues"] == eig and len(saved["eigenvectors"]) == 2
+        vec = torch.cat([t.flatten() for t in saved["eigenvectors"][0].values()])
+        assert vec.numel() == r["parameters"] and float(vec.norm()) == pytest.approx(1.0, rel=1e-5)
         assert r["landscape_1d"]["loss"][1] == r["loss"]                  # α = 0 is the checkpoint
         assert len(r["landscape_2d"]["loss"]) == 3
         assert json.loads(open(os.path.join(r["run_dir"], "flatness.json")).read())["loss"] == r["loss"]
     assert data[0]["landscape_1d"]["loss"] != data[1]["landscape_1d"]["loss"]
-    for png in ("landscape_1d.png", "landscape_2d.png"):
+    for png in ("landscape_1d.png", "landscape_2d.png", "spectral_density.png"):
         img = np.asarray(Image.open(out / png).convert("L"), dtype=float)
         assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 5  # a real picture, not blank
     assert (out / "flatness.md").read_text() == table
@@ -291,7 +303,7 @@ def _one_line_exit_2(capsys, argv):
     return err
 
 
-def test_bad_input_is_one_line_and_exit_2(two_runs, capsys, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(two_runs, capsys, tmp_path):
     import shutil
     _, runs = two_runs
     err = _one_line_exit_2(capsys, [str(tmp_path), *QUICK])
@@ -313,8 +325,7 @@ def test_bad_input_is_one_line_and_exit_2(two_runs, capsys, tmp_path, monkeypatc
     assert "larger than the run's training data (256 images" in err
     assert not (tmp_path / "never").exists()                             # nothing written on bad input
     assert "--grid" in _one_line_exit_2(capsys, [runs[0], "--grid", "1"])
-    monkeypatch.setitem(__import__("sys").modules, "curvlinops", None)   # the optional extra missing
-    assert "pip install -r requirements-flatness.txt" in _one_line_exit_2(capsys, [runs[0], *QUICK])
+    assert "--density_width" in _one_line_exit_2(capsys, [runs[0], *QUICK, "--density_width", "0"])
     new = tmp_path / "new"                                               # --json may go into the new --out
     assert flatness.main([runs[0], *QUICK, "--measures", "landscape", "--no-2d", "--out", str(new),
                           "--json", str(new / "rows.json")]) == 0
@@ -334,3 +345,17 @@ def test_bf16_and_bn_train_options_run_and_are_recorded(two_runs, tmp_path):
     assert b["loss"] != a["loss"]                         # batch statistics instead of running ones
     assert b["landscape_1d"]["loss"][1] != b["loss"]      # the curve ran in bf16, the reference in fp32
     assert b["landscape_1d"]["loss"][1] == pytest.approx(b["loss"], rel=0.05)
+
+
+def test_curvature_and_adaptive_flags_reach_the_record(two_runs, tmp_path):
+    _, runs = two_runs
+    assert flatness.main([runs[0], *QUICK, "--measures", "curvature", "adaptive", "landscape", "--no-2d",
+                          "--hvp", "recompute", "--density", "--density_width", "0.5", "--density_ncv", "3",
+                          "--density_probes", "1", "--trace_rtol", "0", "--adaptive_rho_linf", "0",
+                          "--log_loss", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    (r,) = json.loads((tmp_path / "r.json").read_text())
+    assert r["hvp"] == "recompute" and r["hessian_trace_matvecs"] == 3            # rtol 0: the whole budget
+    assert r["spectral_density"]["sigma"] == 0.5 and not r["spectral_density"]["sigma_default"]
+    assert len(r["spectral_density"]["nodes"]) == 1
+    assert r["adaptive_worst_linf"] == 0.0 and r["adaptive_worst_l2"] > 0
+    assert (tmp_path / "landscape_1d.png").exists() and (tmp_path / "spectral_density.png").exists()
