@@ -293,7 +293,7 @@ def _validate(cfg: Config, new: bool = True):
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: weights and optimizer state are float32 in every precision
-NOT_IN_TRAINING = {"progress_every", "paper_error", "paper_spread"}  # float settings that never reach a tensor
+NOT_IN_TRAINING = {"progress_every", "paper_error", "paper_spread", "paper_nll"}  # float settings that never reach a tensor
 
 
 def _check_float32(cfg: Config):
