@@ -1,9 +1,7 @@
-"""Data: real on-disk formats (CIFAR pickles written here, real Fashion-MNIST idx files), the
-device loader's shuffling/sharding, and the augmentation properties."""
+"""Data: real on-disk formats (CIFAR pickles and SVHN .mat files written by tests/realformat.py,
+real Fashion-MNIST idx files), the device loader's shuffling/sharding, and the augmentation properties."""
 import gzip
-import hashlib
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -11,49 +9,14 @@ import torch
 
 import data_utils
 from conftest import FASHION_DIR
+from realformat import trust_cifar, write_cifar, write_svhn
 from data_utils import Augment, DataError, TrainLoader, load_dataset
-
-
-def _md5(path):
-    return hashlib.md5(open(path, "rb").read()).hexdigest()
-
-
-def _write_cifar(root, hundred, n_per_file=20, seed=0):
-    """Small CIFAR-10/100 in the real python-pickle layout; returns (images NCHW, labels) per split."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-100-python" if hundred else "cifar-10-batches-py")
-    os.makedirs(folder)
-    files = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    key = "fine_labels" if hundred else "labels"  # py2 str keys load as str
-    written = {"train": [], "test": []}
-    for name in files:
-        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 100 if hundred else 10, n_per_file).tolist()
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"data": data, key: labels, "filenames": ["x"] * n_per_file}, f, protocol=2)
-        written["test" if "test" in name else "train"].append((data, labels))
-    meta = "meta" if hundred else "batches.meta"
-    names = {"fine_label_names": ["c%d" % i for i in range(100)]} if hundred else \
-        {"label_names": ["c%d" % i for i in range(10)]}
-    with open(os.path.join(folder, meta), "wb") as f:
-        pickle.dump(names, f, protocol=2)
-    out = {}
-    for split, parts in written.items():
-        x = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
-        out[split] = (torch.from_numpy(x), torch.tensor(sum((lab for _, lab in parts), [])))
-    return folder, files, meta, out
 
 
 @pytest.mark.parametrize("hundred", [False, True])
 def test_cifar_real_format_through_torchvision(tmp_path, monkeypatch, hundred):
-    from torchvision import datasets
-    folder, files, meta, expected = _write_cifar(str(tmp_path), hundred)
-    cls = datasets.CIFAR100 if hundred else datasets.CIFAR10
-    # torchvision checks each file's md5 against the official archive's: point it at ours, on purpose.
-    md5 = {name: _md5(os.path.join(folder, name)) for name in files + [meta]}
-    monkeypatch.setattr(cls, "train_list", [[n, md5[n]] for n in files if "test" not in n])
-    monkeypatch.setattr(cls, "test_list", [[n, md5[n]] for n in files if "test" in n])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5[meta]})
+    folder, files, meta, expected = write_cifar(str(tmp_path), hundred)
+    trust_cifar(monkeypatch, hundred, folder, files, meta)
     name = "cifar100" if hundred else "cifar10"
     for train, split in ((True, "train"), (False, "test")):
         x, y = load_dataset(name, str(tmp_path), train)
@@ -66,19 +29,7 @@ def test_cifar_real_format_through_torchvision(tmp_path, monkeypatch, hundred):
 def test_svhn_real_format_through_torchvision(tmp_path, monkeypatch):
     """SVHN's .mat files (MATLAB v5, as published: X is H×W×C×N uint8, y holds 1..10 with 10 for
     the digit 0), read by torchvision with scipy.io, whose md5 check is pointed at our files."""
-    from scipy.io import savemat
-    from torchvision import datasets
-    rng = np.random.default_rng(0)
-    expected, split_list = {}, {}
-    for split, n in (("train", 7), ("test", 5)):
-        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
-        name = f"{split}_32x32.mat"
-        savemat(str(tmp_path / name), {"X": x, "y": y})
-        split_list[split] = ["unused-url", name, _md5(str(tmp_path / name))]
-        expected[split] = (torch.from_numpy(x.transpose(3, 2, 0, 1).copy()),
-                           torch.from_numpy(np.where(y[:, 0] == 10, 0, y[:, 0]).astype(np.int64)))
-    monkeypatch.setattr(datasets.SVHN, "split_list", split_list)
+    expected = write_svhn(str(tmp_path), monkeypatch)
     for train, split in ((True, "train"), (False, "test")):
         x, y = load_dataset("svhn", str(tmp_path), train)
         assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
