@@ -344,6 +344,9 @@ def test_resume_after_deleting_an_unreadable_training_file(data, tmp_path, monke
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     saved["config"]["crop_padding"] = 8
     torch.save(saved, run_dir / "checkpoint.pt")
+    config_yaml = (run_dir / "config.yaml").read_text()  # (those versions wrote it there too)
+    assert "crop_padding: 4\n" in config_yaml
+    (run_dir / "config.yaml").write_text(config_yaml.replace("crop_padding: 4\n", "crop_padding: 8\n"))
     assert main.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0
 
 
