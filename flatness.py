@@ -39,6 +39,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # Ctrl-C from here on, imports included: one line, exit 130 (see __main__ below)
     from runner.signals import exit_on_interrupt
     exit_on_interrupt("flatness.py")
+    import numpy, torch  # noqa: E401,F401  (the slow imports, under that handler: a half-imported one breaks later)
 
 import argparse
 import csv

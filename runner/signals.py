@@ -57,8 +57,19 @@ def run_main(prog: str, main) -> int:
         return main()
     except KeyboardInterrupt:
         pass
-    except Exception as e:  # (an interrupt inside a class body, e.g. while torch imports: Python 3.11 wraps it)
-        if not isinstance(e.__cause__, KeyboardInterrupt):
+    except Exception as e:  # an error that an interrupt caused: Python 3.11 wraps one inside a class body (e.g.
+        if not _caused_by_interrupt(e):  # while torch imports); a module cut short mid-import fails later
             raise
     print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
     return 128 + signal.SIGINT
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt stands in `error`'s chain (raised from it, or while handling it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
