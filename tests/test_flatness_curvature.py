@@ -122,3 +122,55 @@ def test_spectral_density_mass_in_bins_matches_the_exact_spectrum(trained):
     grid = spectrum.grid_for(quad, sigma)
     p = spectrum.density(quad, sigma, grid)
     assert np.trapezoid(p, grid) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3), dict(kernel_size=(5, 3), stride=2, padding=(2, 1), dilation=(1, 2)),
+                                dict(kernel_size=2, stride=(1, 2), bias=False)])
+def test_data_convolutions_as_matmul_equal_the_convolution(kw):
+    """The first layer's W_mat · unfold(x) + b equals the convolution (values and H·v), applies only
+    inside the block and only to inputs that need no gradient."""
+    from runner.hessian import data_convs_as_matmul
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, **kw).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Conv2d(5, 2, 3), nn.Flatten()).double()
+    x = torch.randn(4, 3, 11, 9, dtype=torch.float64)
+    want = model(x)
+    with data_convs_as_matmul(model):
+        assert "_conv_forward" in vars(conv)
+        assert torch.allclose(model(x), want, rtol=1e-12, atol=1e-12)
+        xg = x.clone().requires_grad_()
+        assert torch.equal(conv(xg), F.conv2d(xg, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation))
+    assert all("_conv_forward" not in vars(m) for m in model.modules())
+    y = torch.randint(0, 2, (4,))
+    model = nn.Sequential(model, nn.LazyLinear(3)).double()
+    model(x)
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss = lambda: F.cross_entropy(model(x), y, reduction="sum") / 4
+    g = torch.autograd.grad(loss(), params, create_graph=True)                      # native convolutions
+    at, vs = 0, []
+    for p in params:
+        vs.append(v[at:at + p.numel()].view_as(p))
+        at += p.numel()
+    ref = torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, grad_outputs=vs)])
+    for mode in ("graph", "recompute"):
+        assert torch.allclose(HessianOperator(model, params, [(x, y)], mode=mode) @ v, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_product_computes_no_gradient_for_the_data():
+    """PyTorch's convolution double backward forms the input's gradient (a transposed convolution)
+    even when the input needs none; through W_mat · unfold(x) no convolution runs in a product."""
+    from torch.profiler import profile
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8,))
+    params = list(model.parameters())
+    H = HessianOperator(model, params, [(x, y)])
+    v = torch.randn(sum(p.numel() for p in params))
+    with profile() as prof:
+        H @ v
+    assert not [e.key for e in prof.key_averages() if "conv" in e.key]
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    with profile() as prof:                                                          # what it avoids
+        torch.autograd.grad(g, params, grad_outputs=[torch.ones_like(p) for p in params])
+    assert "aten::_convolution_double_backward" in [e.key for e in prof.key_averages()]
