@@ -1,18 +1,33 @@
-"""bench.py flatness: the cost of flatness.py's Hessian-vector product H·v in both modes.
+"""bench.py flatness: the cost of flatness.py's Hessian-vector product H·v in both modes, and
+with --pyhessian side by side with PyHessian's two products on the same model and data.
 
-    python bench.py flatness [--model wrn10_1] [--dataset fashionmnist] [--samples 512]
-                             [--batch_size 256] [--repeats 5] [--device auto] [--json out.json]
+    python bench.py flatness [--model wrn10_1|small_cnn|...] [--dataset fashionmnist] [--samples 512]
+                             [--batch_size 256] [--repeats 5] [--device auto] [--pyhessian]
+                             [--json out.json]
 
 On synthetic data of the dataset's shape (timings do not depend on pixel values) and a freshly
 initialised model in eval mode, H is the Hessian of the mean cross-entropy over --samples images
-in batches of --batch_size (runner.hessian.HessianOperator):
+in batches of --batch_size (runner.hessian.HessianOperator). `small_cnn` is a 2,178-parameter
+BatchNorm CNN for Fashion-MNIST's shape (two 5×5 stride-2 convolutions with 8 channels, average
+pool, linear), where per-call overheads show; any other name is a model of `python -m models`.
 
-- memory: for each mode alone, the peak memory above what the model and data hold while the
+--pyhessian (needs `pip install pyhessian`, PyHessian 0.1 = amirgholami/PyHessian) adds its
+products, called as its eigenvalue/trace routines call them: `pyhessian_batch` =
+`hessian(model, criterion, data=(all images, labels))` once, then per product
+`utils.hessian_vector_product(gradsH, params, v)` (one graph kept for the whole set: PyHessian's
+single-batch mode given the set as one batch); `pyhessian_loader` = `hessian.dataloader_hv_product(v)`
+over the same batches (forward, gradient with its graph and backward per batch per product).
+criterion = torch.nn.CrossEntropyLoss() (mean), so all four compute the same H·v.
+
+- memory: for each method alone, the peak memory above what the model and data hold while the
   operator is built and two products are formed (CUDA: torch.cuda.max_memory_allocated; CPU on
-  Linux: peak resident set size, VmHWM after resetting it through /proc/self/clear_refs).
-- time: --repeats products per mode, the modes interleaved product by product (both alive), so a
-  change in the machine's speed hits both alike; median ms per product. CUDA: synchronised.
-- agreement: the largest relative difference between the two modes' H·v.
+  Linux: peak resident set size, VmHWM after resetting it through /proc/self/clear_refs; the
+  peak of an earlier method can hide a smaller one's, so each method's own figure needs its own
+  process on CPU: `--only METHOD` measures one).
+- time: --repeats products per method, the methods interleaved product by product (all alive), so
+  a change in the machine's speed hits all alike; median ms per product and the ratio to the first
+  PyHessian method. CUDA: synchronised.
+- agreement: each method's largest relative difference to `graph`'s H·v.
 
 The header gives the load average, since on a shared machine absolute times drift; the ratio
 between modes survives load better. Bad arguments: UsageError (bench.py: one line, exit code 2).
@@ -23,10 +38,12 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 from runner.bench_step import Parser, UsageError
 
 MODES = ("graph", "recompute")
+PYHESSIAN = ("pyhessian_batch", "pyhessian_loader")
 
 
 def _parser():
@@ -37,6 +54,9 @@ def _parser():
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--repeats", type=int, default=5, help="timed products per mode (default 5)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when visible")
+    p.add_argument("--pyhessian", action="store_true",
+                   help="also time PyHessian's single-batch and data-loader products (pip install pyhessian)")
+    p.add_argument("--only", metavar="METHOD", help=f"measure one method alone: {', '.join(MODES + PYHESSIAN)}")
     p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
     return p
 
@@ -70,6 +90,29 @@ def _peak(device, base):
     return _peak_rss_mib() - base
 
 
+def small_cnn(channels, classes):
+    """Conv(5×5, stride 2, 8) → BN → ReLU → Conv(5×5, stride 2, 8) → BN → ReLU → avg pool 2×2 → linear
+    (2,178 parameters for 1 channel and 10 classes)."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(channels, 8, 5, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 5, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes))
+
+
+def _methods(args):
+    methods = MODES + (PYHESSIAN if args.pyhessian else ())
+    if args.only:
+        if args.only not in MODES + PYHESSIAN:
+            raise UsageError(f"--only: unknown {args.only!r}; valid: {', '.join(MODES + PYHESSIAN)}")
+        methods = (args.only,)
+    if any(m in PYHESSIAN for m in methods):
+        try:
+            import pyhessian  # noqa: F401
+        except ImportError:
+            raise UsageError("PyHessian's products need the PyHessian package: pip install pyhessian") from None
+    return methods
+
+
 def setup(args):
     import torch
     import data_utils
@@ -84,7 +127,9 @@ def setup(args):
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     info = data_utils.DATASETS[args.dataset]
     try:
-        model = models.build_model(args.model, info.num_classes, info.channels).to(device).eval()
+        torch.manual_seed(0)
+        model = (small_cnn(info.channels, info.num_classes) if args.model == "small_cnn" else
+                 models.build_model(args.model, info.num_classes, info.channels)).to(device).eval()
     except (KeyError, ValueError) as e:
         raise UsageError(f"--model: {str(e).splitlines()[0]}") from None
     g = torch.Generator().manual_seed(0)
@@ -95,39 +140,75 @@ def setup(args):
     return model, batches, device
 
 
-def measure(model, batches, device, repeats):
-    """{mode: {ms, peak_mib}}, the modes' largest relative difference."""
-    import gc
+def product(method, model, params, batches):
+    """A function flat v → flat H·v (a new operator: the graph methods build theirs here)."""
     import torch
     from runner.hessian import HessianOperator
+    if method in MODES:
+        H = HessianOperator(model, params, batches, mode=method)
+        return lambda v: H @ v
+    from pyhessian import hessian
+    from pyhessian.utils import hessian_vector_product
+    crit, cuda = torch.nn.CrossEntropyLoss(), params[0].is_cuda
+
+    def split(v):
+        return [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+
+    def flat(hv):
+        return torch.cat([t.reshape(-1) for t in hv]).detach()
+    quiet = warnings.catch_warnings                                 # (its backward(create_graph=True) warns)
+    if method == "pyhessian_batch":
+        x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        with quiet():
+            warnings.simplefilter("ignore")
+            H = hessian(model, crit, data=(x, y), cuda=cuda)
+        return lambda v: flat(hessian_vector_product(H.gradsH, H.params, split(v)))
+    H = hessian(model, crit, dataloader=batches, cuda=cuda)
+
+    def loader(v):
+        with quiet():
+            warnings.simplefilter("ignore")
+            return flat(H.dataloader_hv_product(split(v))[1])
+    return loader
+
+
+def measure(model, batches, device, repeats, methods):
+    """{method: {ms, peak_mib, difference}}: difference = largest |H·v − graph's H·v| / max |graph's|."""
+    import gc
+    import torch
     params = [p for p in model.parameters() if p.requires_grad]
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1)).to(device)
     out = {}
-    for mode in MODES:                                              # memory: one mode at a time
+    product("recompute", model, params, batches[:1])(v)             # warm-up: first-call allocations
+    for method in methods:                                          # memory: one method at a time
         gc.collect()
         base = _reset_peak(device)
-        H = HessianOperator(model, params, batches, mode=mode)
-        H @ v
-        H @ v
-        out[mode] = {"peak_mib": _peak(device, base)}
-        del H
-    ops = {mode: HessianOperator(model, params, batches, mode=mode) for mode in MODES}
-    results = {mode: ops[mode] @ v for mode in MODES}
-    ref = results["graph"]
-    diff = max(float((r - ref).abs().max() / ref.abs().max()) for r in results.values())
-    times = {mode: [] for mode in MODES}
+        f = product(method, model, params, batches)
+        f(v)
+        f(v)
+        out[method] = {"peak_mib": _peak(device, base)}
+        del f
+        model.zero_grad(set_to_none=True)                           # (PyHessian leaves graphs in .grad)
+    fs = {method: product(method, model, params, batches) for method in methods}
+    ref = (fs["graph"] if "graph" in fs else product("graph", model, params, batches))(v)
+    for method, f in fs.items():
+        out[method]["difference"] = float((f(v) - ref).abs().max() / ref.abs().max())
+    times = {method: [] for method in methods}
     for _ in range(repeats):                                        # time: interleaved
-        for mode in MODES:
+        for method, f in fs.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            ops[mode] @ v
+            f(v)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times[mode].append(time.perf_counter() - t0)
-    for mode in MODES:
-        out[mode]["ms"] = 1000 * statistics.median(times[mode])
-    return out, diff
+            times[method].append(time.perf_counter() - t0)
+    base = next((m for m in PYHESSIAN if m in methods), None)
+    for method in methods:
+        out[method]["ms"] = 1000 * statistics.median(times[method])
+    for method in methods:
+        out[method]["ratio"] = out[method]["ms"] / out[base]["ms"] if base else None
+    return out
 
 
 def main(argv) -> dict:
@@ -135,26 +216,29 @@ def main(argv) -> dict:
     import datetime
     import torch
     args = _parser().parse_args(argv)
+    methods = _methods(args)
     model, batches, device = setup(args)
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    figures, diff = measure(model, batches, device, args.repeats)
+    figures = measure(model, batches, device, args.repeats, methods)
     report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_average_1min": load, "model": args.model, "dataset": args.dataset, "parameters": dim,
               "samples": args.samples, "batch_size": args.batch_size, "repeats": args.repeats,
-              "max_relative_difference": diff, "modes": figures}
+              "methods": figures}
     print(f"Hessian-vector product, {args.model} ({dim:,} parameters), {args.samples} images in batches of "
-          f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, load average {load}")
-    print("\n| mode | ms / product | peak memory above model + data (MiB) |\n|---|---|---|")
-    for mode in MODES:
-        f = figures[mode]
-        peak = "n/a" if f["peak_mib"] is None else f"{f['peak_mib']:.1f}"
-        print(f"| {mode} | {f['ms']:.1f} | {peak} |")
-    print(f"\nmodes agree to {diff:.1e} (largest relative difference of H·v)")
+          f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, load average {load}, "
+          f"{args.repeats} products each, interleaved")
+    ratio_to = next((m for m in PYHESSIAN if m in methods), "PyHessian")
+    print(f"\n| method | ms / product (median) | ratio to {ratio_to} | peak memory above model + data (MiB) "
+          "| largest relative difference to graph |\n|---|---|---|---|---|")
+    for method in methods:
+        f = figures[method]
+        peak = "n/a" if f["peak_mib"] is None else f"{f['peak_mib']:,.1f}"
+        ratio = "" if f["ratio"] is None else f"{f['ratio']:.2f}"
+        print(f"| {method} | {f['ms']:,.1f} | {ratio} | {peak} | {f['difference']:.1e} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
             fh.write("\n")
     return report
-
