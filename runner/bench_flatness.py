@@ -19,11 +19,9 @@ single-batch mode given the set as one batch); `pyhessian_loader` = `hessian.dat
 over the same batches (forward, gradient with its graph and backward per batch per product).
 criterion = torch.nn.CrossEntropyLoss() (mean), so all four compute the same H·v.
 
-- memory: for each method alone, the peak memory above what the model and data hold while the
-  operator is built and two products are formed (CUDA: torch.cuda.max_memory_allocated; CPU on
-  Linux: peak resident set size, VmHWM after resetting it through /proc/self/clear_refs; the
-  peak of an earlier method can hide a smaller one's, so each method's own figure needs its own
-  process on CPU: `--only METHOD` measures one).
+- memory: for each method alone, the peak of tensor memory above what the model and data hold
+  while the operator is built and two products are formed (CUDA: torch.cuda.max_memory_allocated;
+  CPU: the allocator's events recorded by torch.profiler, `peak_mib`).
 - time: --repeats products per method, the methods interleaved product by product (all alive), so
   a change in the machine's speed hits all alike; median ms per product and the ratio to the first
   PyHessian method. CUDA: synchronised.
@@ -56,38 +54,32 @@ def _parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when visible")
     p.add_argument("--pyhessian", action="store_true",
                    help="also time PyHessian's single-batch and data-loader products (pip install pyhessian)")
-    p.add_argument("--only", metavar="METHOD", help=f"measure one method alone: {', '.join(MODES + PYHESSIAN)}")
     p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
     return p
 
 
-def _peak_rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-def _reset_peak(device):
+def peak_mib(fn, device):
+    """The peak of tensor memory allocated while fn() runs, above what was allocated before (MiB).
+    CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the allocator's allocation and
+    free events recorded by torch.profiler (profile_memory=True), so the figure counts tensors
+    only, is exact, and does not depend on what the C allocator keeps from earlier calls."""
     import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2 ** 20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                            # VmHWM ← current RSS
-        return _peak_rss_mib()
-    except OSError:
-        return None
-
-
-def _peak(device, base):
-    import torch
-    if base is None:
-        return None
-    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20 - base
-    return _peak_rss_mib() - base
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak / 2 ** 20
 
 
 def small_cnn(channels, classes):
@@ -101,11 +93,7 @@ def small_cnn(channels, classes):
 
 def _methods(args):
     methods = MODES + (PYHESSIAN if args.pyhessian else ())
-    if args.only:
-        if args.only not in MODES + PYHESSIAN:
-            raise UsageError(f"--only: unknown {args.only!r}; valid: {', '.join(MODES + PYHESSIAN)}")
-        methods = (args.only,)
-    if any(m in PYHESSIAN for m in methods):
+    if args.pyhessian:
         try:
             import pyhessian  # noqa: F401
         except ImportError:
@@ -174,20 +162,16 @@ def product(method, model, params, batches):
 
 def measure(model, batches, device, repeats, methods):
     """{method: {ms, peak_mib, difference}}: difference = largest |H·v − graph's H·v| / max |graph's|."""
-    import gc
     import torch
     params = [p for p in model.parameters() if p.requires_grad]
     v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1)).to(device)
     out = {}
-    product("recompute", model, params, batches[:1])(v)             # warm-up: first-call allocations
     for method in methods:                                          # memory: one method at a time
-        gc.collect()
-        base = _reset_peak(device)
-        f = product(method, model, params, batches)
-        f(v)
-        f(v)
-        out[method] = {"peak_mib": _peak(device, base)}
-        del f
+        def build_and_use():
+            f = product(method, model, params, batches)
+            f(v)
+            f(v)
+        out[method] = {"peak_mib": peak_mib(build_and_use, device)}
         model.zero_grad(set_to_none=True)                           # (PyHessian leaves graphs in .grad)
     fs = {method: product(method, model, params, batches) for method in methods}
     ref = (fs["graph"] if "graph" in fs else product("graph", model, params, batches))(v)
@@ -230,11 +214,11 @@ def main(argv) -> dict:
           f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, load average {load}, "
           f"{args.repeats} products each, interleaved")
     ratio_to = next((m for m in PYHESSIAN if m in methods), "PyHessian")
-    print(f"\n| method | ms / product (median) | ratio to {ratio_to} | peak memory above model + data (MiB) "
+    print(f"\n| method | ms / product (median) | ratio to {ratio_to} | peak tensor memory above model + data (MiB) "
           "| largest relative difference to graph |\n|---|---|---|---|---|")
     for method in methods:
         f = figures[method]
-        peak = "n/a" if f["peak_mib"] is None else f"{f['peak_mib']:,.1f}"
+        peak = f"{f['peak_mib']:,.1f}"
         ratio = "" if f["ratio"] is None else f"{f['ratio']:.2f}"
         print(f"| {method} | {f['ms']:,.1f} | {ratio} | {peak} | {f['difference']:.1e} |")
     if args.json:
