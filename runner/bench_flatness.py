@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 
-from runner.bench_step import Parser, UsageError
+from runner.config import Parser, UsageError
 
 MODES = ("graph", "recompute")
 

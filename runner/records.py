@@ -44,6 +44,13 @@ def write_text(path: str, text: str):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def check_output(flag: str, path: str):
+    """UsageError "FLAG: why" when no file can be written at `path` (see output_problem)."""
+    problem = output_problem(path)
+    if problem:
+        raise UsageError(f"{flag}: {problem}")
+
+
 def output_problem(path: str):
     """Why a file could not be written at `path` (a folder; a missing or unwritable folder), or None.
     Writability is tried by creating a temporary file there (os.access passes for root even in /proc)."""
