@@ -264,3 +264,11 @@ def test_folders_that_are_not_run_folders_are_left_alone(tmp_path, capsys):
     assert main.main([*ONE, "--out_dir", str(tmp_path), "--name", "proj", "--on_existing", "resume"]) == 2
     assert "exists and is not a run folder" in capsys.readouterr().err
     assert sorted(os.listdir(mine)) == ["backup.tmp1", "notes.txt"] and sorted(os.listdir(tmp_path)) == ["proj"]
+
+
+def test_rundir_stands_below_records_and_training():
+    """records.py and training.py import rundir.py, so rundir.py imports neither (no import cycle),
+    nor torch (main.py --help stays fast): of the runner it loads config.py alone."""
+    code = "import sys, runner.rundir; print(*sorted(m for m in sys.modules if m.split('.')[0] in ('runner', 'torch')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["runner", "runner.config", "runner.rundir"]
