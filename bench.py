@@ -31,8 +31,10 @@ import sys
 from runner.bench_decode import bench_jpeg_decode
 from runner.bench_flatness import main as bench_flatness
 from runner.bench_imagenet import bench_imagenet_pipeline
-from runner.bench_step import (OtherCPU, Parser, UsageError, add_flops, bench_eval, bench_pipeline, bench_train,
-                               check_output, check_sync, device_for, device_name, profile_steps)
+from runner.bench_step import (OtherCPU, add_flops, bench_eval, bench_pipeline, bench_train, check_sync, device_for,
+                               device_name, profile_steps)
+from runner.config import Parser, UsageError
+from runner.records import check_output
 
 BENCH_OPTIMIZERS = ("sgd", "amp", "rwp", "sam", "asam")
 # Config settings bench.py starts from when no --config is given (small enough for a 2-core CPU;
@@ -78,7 +80,6 @@ def _parser():
 
 def parse_args(argv):
     """(bench options, resolved Config). Raises UsageError with a one-line message."""
-    from runner.config import UsageError as RunnerUsageError
     from runner.config import parse_config
     args, rest = _parser().parse_known_args(argv)
     if args.quick:
@@ -98,7 +99,7 @@ def parse_args(argv):
     given_config = any(a == "--config" or a.startswith("--config=") for a in rest)
     try:
         cfg, _ = parse_config(([] if given_config else BENCH_DEFAULTS) + rest)
-    except RunnerUsageError as e:
+    except UsageError as e:  # (the runner's wording)
         message = str(e)
         if message.startswith("unrecognized arguments:"):  # the runner's hint knows only Config's flags
             message = _unrecognized(message, [f"--{k}" for k in vars(args)])

@@ -48,9 +48,9 @@ import json
 import os
 import sys
 
-from runner.config import UsageError
+from runner.config import Parser, UsageError
 from runner.flatness_plots import fmt as _fmt, plot, plot_density
-from runner.records import output_problem
+from runner.records import check_output
 
 MEASURES = ("curvature", "sharpness", "adaptive", "landscape")
 RECORD = "flatness.json"   # the per-run record in the run folder (report.py shows it when present)
@@ -61,13 +61,8 @@ CSV_FIELDS = ["run_dir", "dataset", "model", "optimizer", "setting", "seed", "lo
               "adaptive_worst_linf", "adaptive_worst_l2", "adaptive_average_l2"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def _parser():
-    p = _Parser(prog="flatness.py", description=__doc__, allow_abbrev=False,
+    p = Parser(prog="flatness.py", description=__doc__, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("runs", nargs="+", metavar="RUN_DIR", help="run folders (with checkpoint.pt)")
@@ -139,9 +134,7 @@ def _check(args):
                 os.path.abspath(os.path.dirname(path) or ".") == os.path.abspath(args.out)):
             continue  # goes into --out, which is made once the inputs are checked
         if path:
-            problem = output_problem(path)
-            if problem:
-                raise UsageError(f"{flag}: {problem}")
+            check_output(flag, path)
     if args.density_width is not None and not 0 < args.density_width < float("inf"):
         raise UsageError(f"--density_width must be a finite number > 0, got {args.density_width}")
 

@@ -25,67 +25,9 @@ import time
 from runner.config import EXIT_RUNTIME, EXIT_USAGE, Config, UsageError, _parser, check_launch, parse_config
 from runner import rundir
 from runner.progress import Progress, TensorBoardLog, require_tensorboard
-from runner.records import RunLog, finished, git_commit, resume_config, write_error, write_summary, write_text
+from runner.records import RunLog, git_commit, resume_config, write_error, write_summary, write_text
 from runner.signals import STOP
 from runner.training import Diverged, SaveFailed, Trainer, init_distributed
-
-
-def _decide_folder(cfg: Config):
-    """Rank 0's decision on the run folder, taking its lock: ("resume", dir), ("new", dir) for a
-    locked empty folder to start in, ("new", None) for a folder to create once the run is built,
-    or ("error", message)."""
-    try:
-        if cfg.resume:
-            if not os.path.isdir(cfg.resume):
-                raise UsageError(f"resume: {cfg.resume!r} is not a run folder")
-            if not os.path.isfile(os.path.join(cfg.resume, "checkpoint.pt")):
-                raise UsageError(f"resume: {cfg.resume!r} has no checkpoint.pt (nothing to resume; start a new run)")
-            rundir.lock(cfg.resume)
-            return "resume", cfg.resume
-        path = os.path.join(cfg.out_dir, rundir.default_name(cfg))
-        if cfg.on_existing != "resume" or not os.path.isdir(path):
-            return "new", None
-        if not rundir.looks_like_run(path):
-            raise UsageError(f"{path} exists and is not a run folder; choose another --name or --out_dir")
-        rundir.lock(path)  # (a live run of this row: "in use", exit 2)
-        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
-            return "resume", path
-        for status in ("completed", "diverged"):  # (its checkpoint deleted to save space)
-            if finished(path, status):
-                return "done", f"{path} has {'finished' if status == 'completed' else status} (summary.json); skipped"
-        if rundir.holds_only_lock(path):
-            return "new", path
-        aside = rundir.set_aside(path)
-        print(f"{path} stopped before its first checkpoint; kept as {aside}, starting it again", file=sys.stderr)
-        return "new", None
-    except UsageError as e:
-        return "error", str(e)
-
-
-def open_run(cfg: Config, explicit: set):
-    """(cfg, checkpoint or None, run folder or None (created after the run is built), or a message
-    when there is nothing to do). Rank 0 takes the folder's lock and decides; under torchrun the
-    other ranks learn its decision."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        decision = _decide_folder(cfg)
-    else:  # (with --resume every rank knows the folder; a refused lock stops rank 0 and torchrun the rest)
-        decision = ("resume", cfg.resume) if cfg.resume else ("new", None)
-    if world > 1 and cfg.on_existing == "resume" and not cfg.resume:  # only rank 0 knows what to do
-        import torch.distributed as dist
-        init_distributed(cfg)
-        box = [decision]
-        dist.broadcast_object_list(box, 0)
-        decision = box[0]
-    action, where = decision
-    if action == "error":
-        raise UsageError(where)
-    if action == "done":
-        return cfg, None, None, where
-    if action == "new":
-        return cfg, None, where, None
-    cfg, ckpt, done = resume_config(cfg, explicit, where, whole=not cfg.resume)  # (whole: a recipe's row)
-    return cfg, ckpt, where, done
 
 
 def write_start_records(cfg: Config, run_dir, argv, trainer, world, new):
@@ -103,16 +45,21 @@ def write_start_records(cfg: Config, run_dir, argv, trainer, world, new):
 
 
 def start_run(cfg: Config, explicit: set, argv):
-    """Settle the run folder (new, resumed, or nothing to do), build the Trainer (bad values and data
-    are refused before any folder exists), write the start records and the first log line:
-    (cfg, trainer, run_dir, log), or the exit code when there is nothing to train."""
+    """Settle the run folder (new, resumed, or nothing to do: runner/rundir.py decides), build the
+    Trainer (bad values and data are refused before any folder exists), write the start records and
+    the first log line: (cfg, trainer, run_dir, log), or the exit code when there is nothing to train."""
     import torch
     if cfg.tensorboard:
         require_tensorboard()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_launch(cfg, explicit)
-    cfg, ckpt, run_dir, nothing_to_do = open_run(cfg, explicit)
+    action, run_dir = rundir.open_run(cfg, start_group=lambda: init_distributed(cfg))
+    ckpt = nothing_to_do = None
+    if action == "done":
+        nothing_to_do = run_dir
+    elif action == "resume":  # (whole: a recipe's row, every setting must agree)
+        cfg, ckpt, nothing_to_do = resume_config(cfg, explicit, run_dir, whole=not cfg.resume)
     if nothing_to_do:
         if rank0:
             print(nothing_to_do)
@@ -121,14 +68,7 @@ def start_run(cfg: Config, explicit: set, argv):
         return 0
     check_launch(cfg, explicit)
     trainer = Trainer(cfg, run_dir or "", ckpt)
-    if run_dir is None:  # rank 0 creates the folder, everyone learns its name
-        run_dir = rundir.make_run_dir(cfg, exact=cfg.on_existing == "resume") if rank0 else None
-        if world > 1:
-            import torch.distributed as dist
-            box = [run_dir]
-            dist.broadcast_object_list(box, 0)
-            run_dir = box[0]
-        trainer.run_dir = run_dir
+    trainer.run_dir = run_dir = rundir.created(cfg, run_dir)  # (a new one: rank 0 creates it now)
     log = RunLog(run_dir, rank0)
     if rank0:
         try:

@@ -62,7 +62,8 @@ import os
 import statistics
 import sys
 
-from runner.records import output_problem
+from runner.config import Parser, UsageError
+from runner.records import check_output
 from runner.table_status import find_plans, status_markdown
 
 _DATA_COUNTS, _DATA_NAMES = ("classes", "train_files", "val_files"), ("class_names", "train_names", "val_names")
@@ -104,10 +105,6 @@ NOTE = ("setting = the fields that differ between the groups, where not at the r
         "error over epochs, picked on the test set (optimistic; the AMP code reported it); "
         "ours − paper uses the final mean. Errors in %. NLL = test cross-entropy after the last epoch; "
         "criterion = the training criterion on the test set (the AMP code's NLL column).")
-
-
-class UsageError(Exception):
-    """Bad arguments or nothing to report; the message is one line."""
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -527,19 +524,8 @@ def plot(groups, path):
 
 # ----------------------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def check_output(flag, path):
-    problem = output_problem(path)
-    if problem:
-        raise UsageError(f"{flag}: {problem}")
-
-
 def _parser():
-    p = _Parser(prog="report.py", description=__doc__, allow_abbrev=False,
+    p = Parser(prog="report.py", description=__doc__, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=["runs"], help="run folders, folders of runs, or globs (default: runs)")
     p.add_argument("--csv", metavar="FILE", help="also write the groups as CSV")

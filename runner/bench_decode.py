@@ -28,7 +28,9 @@ import os
 import statistics
 import time
 
-from runner.bench_step import Parser, UsageError, check_output, device_name
+from runner.bench_step import device_name
+from runner.config import Parser, UsageError
+from runner.records import check_output
 
 
 def _parser():

@@ -38,7 +38,7 @@ import statistics
 import time
 import warnings
 
-from runner.bench_step import Parser, UsageError
+from runner.config import Parser, UsageError
 
 MODES = ("graph", "recompute")
 PYHESSIAN = ("pyhessian_batch", "pyhessian_loader")

@@ -35,7 +35,6 @@ intra-op threads, tiny operators then slow down many times over (OMP_NUM_THREADS
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -43,40 +42,18 @@ import platform
 import statistics
 import time
 
-from runner.records import output_problem
+from runner.config import UsageError
 
 # Training-set sizes: an epoch's number of optimizer steps (and the pipeline's data when train_size=0).
 TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "fashionmnist": 60000, "synthetic": 50000,
               "imagenet": 1281167}  # ILSVRC-2012 training images
 
 
-class UsageError(Exception):
-    """Bad arguments; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-
-
-def check_output(flag, path):
-    problem = output_problem(path)
-    if problem:
-        raise UsageError(f"{flag}: {problem}")
-
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def device_for(cfg):
-    from runner.config import UsageError as RunnerUsageError
     from runner.training import resolve_device
-    try:
-        return resolve_device(cfg)  # as the runner: cuda:0 + cudnn.benchmark, or the CPU
-    except RunnerUsageError as e:
-        raise UsageError(str(e)) from None
+    return resolve_device(cfg)  # as the runner: cuda:0 + cudnn.benchmark, or the CPU
 
 
 def device_name(device):

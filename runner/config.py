@@ -423,13 +423,23 @@ def _load_yaml(path):
     return data
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors raise UsageError (the caller prints its one line, exit 2)
+    instead of printing usage and exiting; the parser of every command of this project."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+class _Parser(Parser):
+    """main.py's: an unknown flag gets the nearest Config field as a hint."""
+
     def error(self, message):
         if "unrecognized arguments" in message:
             flag = message.split(":", 1)[1].split()[0]
             hint = difflib.get_close_matches(flag.split("=")[0], [f"--{n}" for n in FIELDS], n=1)
             message += f" (did you mean {hint[0]}?)" if hint else "; see python main.py --help"
-        raise UsageError(message)
+        super().error(message)
 
 
 def _optional_float(text):

@@ -44,6 +44,13 @@ def write_text(path: str, text: str):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def check_output(flag: str, path: str):
+    """UsageError "FLAG: why" when no file can be written at `path` (see output_problem)."""
+    problem = output_problem(path)
+    if problem:
+        raise UsageError(f"{flag}: {problem}")
+
+
 def output_problem(path: str):
     """Why a file could not be written at `path` (a folder; a missing or unwritable folder), or None.
     Writability is tried by creating a temporary file there (os.access passes for root even in /proc)."""
@@ -138,9 +145,9 @@ def resume_config(cfg: Config, explicit: set, run_dir: str, whole: bool = False)
     for name in RESUME_MAY_CHANGE & explicit:
         setattr(saved, name, getattr(cfg, name))
     saved.resume = run_dir
-    if ckpt["epoch"] == saved.epochs and "partial" not in ckpt and finished(run_dir):
+    if ckpt["epoch"] == saved.epochs and "partial" not in ckpt and rundir.finished(run_dir):
         return saved, ckpt, f"{run_dir} has finished all {saved.epochs} epochs; nothing to resume (its records are unchanged)"
-    if whole and finished(run_dir, "diverged"):
+    if whole and rundir.finished(run_dir, "diverged"):
         return saved, ckpt, f"{run_dir} diverged (see its summary.json); skipped, it would diverge again"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if ckpt.get("world_size", world) != world:
@@ -184,16 +191,6 @@ def check_config_file(run_dir, saved: Config, resume: bool = True):
             raise UsageError(f"{run_dir}/checkpoint.pt is not the run its config.yaml describes (checkpoint.pt is of "
                              f"{k} {plain[0]}, but config.yaml says {plain[1]}): copied from another run, or "
                              f"config.yaml was edited")
-
-
-def finished(run_dir, status="completed") -> bool:
-    """Whether the run folder's summary.json says the run ended with `status` (it is written last:
-    a run killed after its final checkpoint but before the summary is not finished)."""
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f).get("status") == status
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def write_summary(run_dir, cfg, history, status, message, train_time, images, wall, world=1, rwp_mode=None, **extra):

@@ -1,5 +1,20 @@
 """The run folder: exactly one writer, a new folder or an existing one, no stale temporaries.
 
+Which folder a run writes is decided once, by rank 0 (the only process under plain `python`):
+`decide(cfg)` takes the folder's lock and answers one of
+  ("resume", DIR)  continue DIR's checkpoint (--resume DIR, or --on_existing resume finding the
+                   row's folder with a checkpoint);
+  ("new", DIR)     start in DIR, a locked folder that holds nothing of a run yet;
+  ("new", None)    create the folder once the run is built (make_run_dir); with --on_existing
+                   resume, a row's folder that stopped before its first checkpoint is first set
+                   aside as DIR.failed-N (set_aside);
+  ("done", TEXT)   the row's run has finished or diverged: nothing to do, TEXT says so;
+  ("error", TEXT)  invalid input (UsageError: one line, exit 2).
+`open_run(cfg, start_group)` gives every rank the same answer: the other ranks know it without
+asking (with --resume DIR, and with --on_existing new) or, with --on_existing resume under torchrun,
+learn rank 0's by broadcast. `created(cfg, run_dir)` then names the folder of a run that has been
+built, creating it on rank 0 where it does not exist yet and broadcasting its name.
+
 A process that writes a run folder holds an exclusive OS lock on the file `.lock` in it, from
 creating or resuming the folder until it exits; the kernel releases it when the process dies
 (SIGKILL included), so a dead run never leaves a stale lock. A second process is refused with one
@@ -20,10 +35,12 @@ descriptor of the file releases it — is avoided by opening `.lock` once per pr
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import socket
+import sys
 
 from runner.config import Config, UsageError
 
@@ -62,7 +79,6 @@ def lock(run_dir: str):
     A busy lock is tried again for a second (a recipe's probe holds it for milliseconds); on a file
     system without locks (ENOLCK, EOPNOTSUPP: some Lustre/sshfs mounts) the run goes on, with a warning."""
     import fcntl
-    import sys
     import time
     path = os.path.join(run_dir, LOCK)
     try:
@@ -244,3 +260,83 @@ def set_aside(run_dir: str) -> str:
 def holds_only_lock(run_dir: str) -> bool:
     """Whether the folder holds nothing of a run yet (its lock, a SLURM task's logs)."""
     return set(os.listdir(run_dir)) <= {LOCK, *TASK_LOGS}
+
+
+def finished(run_dir, status="completed") -> bool:
+    """Whether the run folder's summary.json says the run ended with `status` (it is written last:
+    a run killed after its final checkpoint but before the summary is not finished)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f).get("status") == status
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def decide(cfg: Config):
+    """Rank 0's decision on the run folder, taking its lock: ("resume", dir), ("new", dir) for a
+    locked empty folder to start in, ("new", None) for a folder to create once the run is built,
+    ("done", message) when the row's run has ended, or ("error", message)."""
+    try:
+        if cfg.resume:
+            if not os.path.isdir(cfg.resume):
+                raise UsageError(f"resume: {cfg.resume!r} is not a run folder")
+            if not os.path.isfile(os.path.join(cfg.resume, "checkpoint.pt")):
+                raise UsageError(f"resume: {cfg.resume!r} has no checkpoint.pt (nothing to resume; start a new run)")
+            lock(cfg.resume)
+            return "resume", cfg.resume
+        path = os.path.join(cfg.out_dir, default_name(cfg))
+        if cfg.on_existing != "resume" or not os.path.isdir(path):
+            return "new", None
+        if not looks_like_run(path):
+            raise UsageError(f"{path} exists and is not a run folder; choose another --name or --out_dir")
+        lock(path)  # (a live run of this row: "in use", exit 2)
+        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
+            return "resume", path
+        for status in ("completed", "diverged"):  # (its checkpoint deleted to save space)
+            if finished(path, status):
+                return "done", f"{path} has {'finished' if status == 'completed' else status} (summary.json); skipped"
+        if holds_only_lock(path):
+            return "new", path
+        aside = set_aside(path)
+        print(f"{path} stopped before its first checkpoint; kept as {aside}, starting it again", file=sys.stderr)
+        return "new", None
+    except UsageError as e:
+        return "error", str(e)
+
+
+def _from_rank0(value):
+    """Rank 0's `value` on every rank (torchrun; the process group is up)."""
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def open_run(cfg: Config, start_group):
+    """Every rank's copy of rank 0's decision (see decide), less "error", which is raised as
+    UsageError: ("resume", dir), ("new", dir or None) or ("done", message). Under torchrun with
+    --on_existing resume (and no --resume) only rank 0 knows it: `start_group()` starts the process
+    group on every rank and rank 0 broadcasts it."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        decision = decide(cfg)
+    else:  # (with --resume every rank knows the folder; a refused lock stops rank 0 and torchrun the rest)
+        decision = ("resume", cfg.resume) if cfg.resume else ("new", None)
+    if world > 1 and cfg.on_existing == "resume" and not cfg.resume:  # only rank 0 knows what to do
+        start_group()
+        decision = _from_rank0(decision)
+    if decision[0] == "error":
+        raise UsageError(decision[1])
+    return decision
+
+
+def created(cfg: Config, run_dir):
+    """The folder of a run that has been built, the same on every rank: `run_dir` where open_run
+    gave one, else rank 0 creates and locks it (make_run_dir; with --on_existing resume exactly the
+    row's name) and broadcasts its name (torchrun: the Trainer has started the process group)."""
+    if run_dir is not None:
+        return run_dir
+    run_dir = make_run_dir(cfg, exact=cfg.on_existing == "resume") if int(os.environ.get("RANK", "0")) == 0 else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_dir = _from_rank0(run_dir)
+    return run_dir

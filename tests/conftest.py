@@ -1,4 +1,4 @@
-"""Shared test helpers: the repository root on sys.path and a host-sync trap."""
+"""Shared test helpers: the repository root on sys.path, a host-sync trap and one intra-op thread."""
 import contextlib
 import os
 import sys
@@ -39,3 +39,24 @@ def forbid_host_sync():
 @pytest.fixture
 def no_host_sync():
     return forbid_host_sync
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` inside the block, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models on a busy 2-core machine run many times slower
+    with two (OpenMP's threads spin), and the runner's subprocesses in these tests use one, so the
+    same count gives the same arithmetic (CPU kernels may round differently per thread count).
+    A file opts in whole with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with torch_threads(1):
+        yield

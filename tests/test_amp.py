@@ -16,13 +16,7 @@ KW = dict(momentum=0.9, nesterov=True, weight_decay=1e-4)  # the official base o
 BALLS = ("tensor", "global")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core box are 50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads on a busy 2-core box are 50x slower
 
 
 def tiny_model(seed=0, unused=False):

@@ -15,16 +15,6 @@ TINY = ["--quick", "--model", "wrn10_1", "--dataset", "fashionmnist", "--batch_s
         "--train_size", "64", "--eval_batch_size", "32", "--optimizers", *bench.BENCH_OPTIMIZERS]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny ops on a shared 2-core machine are far slower with two."""
-    import torch
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 

@@ -34,12 +34,7 @@ def data(tmp_path_factory):
     return str(write_image_folder(str(tmp_path_factory.mktemp("imagenet") / "data")))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with one thread: the same arithmetic
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the subprocesses run with one thread: the same arithmetic
 
 
 def metrics(run_dir):

@@ -58,14 +58,9 @@ def test_official_parameter_counts(name):
     assert meta_counts(name, 100) == (p100, tensors)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these many small kernels gain little from two, and on a busy 2-core
-    machine OpenMP's spinning threads made this file several times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# one intra-op thread: these many small kernels gain little from two, and on a busy 2-core
+# machine OpenMP's spinning threads made this file several times slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def forward_check(model, shape, num_classes):

@@ -14,7 +14,7 @@ import torch
 
 import main
 from runner.records import atomic_write, write_text
-from conftest import ROOT
+from conftest import ROOT, torch_threads
 from test_main import TINY, rows, run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -35,12 +35,8 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path,
     """Kill the run with SIGKILL at random moments (mid-epoch, mid-checkpoint, mid-metrics write),
     resume each time; the finished run's metrics equal an uninterrupted run's exactly."""
     args = [*TINY, "--optimizer", optimizer, "--epochs", "3", "--train_size", "384"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with one thread: the same arithmetic
-    try:
+    with torch_threads(1):  # the subprocesses run with one thread: the same arithmetic
         assert run(tmp_path, *args, name="ref")[0] == 0
-    finally:
-        torch.set_num_threads(threads)
     out = ["--out_dir", str(tmp_path / "runs")]
     run_dir = tmp_path / "runs" / "killed"
     rng = random.Random(optimizer)

@@ -11,11 +11,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import main
 import report
-from conftest import FASHION_DIR, ROOT
+from conftest import FASHION_DIR, ROOT, torch_threads
 
 HAVE_FASHION = os.path.isdir(FASHION_DIR)
 DATA = ["--dataset", "fashionmnist", "--data_dir", FASHION_DIR] if HAVE_FASHION else ["--dataset", "synthetic"]
@@ -30,14 +29,12 @@ RECIPES = ["amp_table_a", "amp_table_b", "rwp_cifar", "rwp_imagenet", "sam_cifar
 def runs(tmp_path_factory):
     """root/a: 3 completed seeds of config A (with the paper keys) + 1 interrupted after epoch 1;
     root/b: config B (lr 0.05), 2 completed seeds + 1 whose summary.json is gone (crashed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # much faster than 2 threads on a busy 2-core machine
     root = tmp_path_factory.mktemp("report")
 
     def run(out, name, *args):
         assert main.main([*TINY, *args, "--out_dir", str(root / out), "--name", name]) == 0
 
-    try:
+    with torch_threads(1):  # much faster than 2 threads on a busy 2-core machine
         for s in (0, 1, 2):
             run("a", f"a_s{s}", *PAPER, "--seed", str(s))
             run("b", f"b_s{s}", "--lr", "0.05", "--seed", str(s))
@@ -51,8 +48,6 @@ def runs(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(main.Trainer, "train_epoch", interrupt_in_epoch_2)
             assert main.main([*TINY, *PAPER, "--seed", "3", "--out_dir", str(root / "a"), "--name", "a_s3"]) == 130
-    finally:
-        torch.set_num_threads(threads)
     os.remove(root / "b" / "b_s2" / "summary.json")
     return root
 

@@ -264,3 +264,27 @@ def test_folders_that_are_not_run_folders_are_left_alone(tmp_path, capsys):
     assert main.main([*ONE, "--out_dir", str(tmp_path), "--name", "proj", "--on_existing", "resume"]) == 2
     assert "exists and is not a run folder" in capsys.readouterr().err
     assert sorted(os.listdir(mine)) == ["backup.tmp1", "notes.txt"] and sorted(os.listdir(tmp_path)) == ["proj"]
+
+
+def test_rundir_stands_below_records_and_training():
+    """records.py and training.py import rundir.py, so rundir.py imports neither (no import cycle),
+    nor torch (main.py --help stays fast): of the runner it loads config.py alone."""
+    code = "import sys, runner.rundir; print(*sorted(m for m in sys.modules if m.split('.')[0] in ('runner', 'torch')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["runner", "runner.config", "runner.rundir"]
+
+
+def test_under_torchrun_every_rank_follows_rank_0s_decision(tmp_path):
+    """--on_existing resume under torchrun: only rank 0 looks at the folder, the others learn its
+    decision. A finished row whose checkpoint was deleted is "done" on rank 0 (the others alone
+    would start it anew): both ranks skip it, exit 0 and write nothing."""
+    from test_main import free_port
+    row = [*ONE, "--out_dir", str(tmp_path), "--name", "row_s0", "--on_existing", "resume"]
+    assert main.main(row) == 0
+    os.remove(tmp_path / "row_s0" / "checkpoint.pt")
+    before = files(tmp_path / "row_s0")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "main.py", *row], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == f"{tmp_path / 'row_s0'} has finished (summary.json); skipped"
+    assert files(tmp_path / "row_s0") == before and os.listdir(tmp_path) == ["row_s0"]

@@ -18,7 +18,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_rwp_worker as worker  # noqa: E402  (tiny model + fixed batches, shared with torchrun)
 import rwp  # noqa: E402
-from conftest import forbid_host_sync  # noqa: E402
+from conftest import forbid_host_sync, torch_threads  # noqa: E402
 from rwp import RWP, noise_seed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -434,12 +434,8 @@ def test_parallel_rwp_under_torchrun_matches_single_process_mix(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = {(name, r): torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True)
            for name in worker.SCENARIOS for r in (0, 1)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: CPU kernels may round differently per thread count
-    try:
+    with torch_threads(1):  # as in the workers: CPU kernels may round differently per thread count
         _compare_with_single_process(res, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _compare_with_single_process(res, seed):

@@ -16,12 +16,7 @@ from runner.training import make_closure
 from sam import SAM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_count(name, classes, channels=3):

@@ -14,7 +14,6 @@ import math
 import os
 
 import pytest
-import torch
 import yaml
 
 import main
@@ -72,11 +71,6 @@ def run_cell(path, data_dir, out_dir):
             assert recorded[key] == value, (name, key)
 
 
-def test_table_a_cells_train_on_real_format_data(data_dir, tmp_path):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # batches of 4 on a shared 2-core machine: a second thread only spins
-    try:
-        for cell in SUBSET:
-            run_cell(config_path(*cell), data_dir, str(tmp_path / "runs"))
-    finally:
-        torch.set_num_threads(saved)
+def test_table_a_cells_train_on_real_format_data(data_dir, tmp_path, one_thread):
+    for cell in SUBSET:  # (batches of 4 on a shared 2-core machine: a second thread only spins)
+        run_cell(config_path(*cell), data_dir, str(tmp_path / "runs"))
