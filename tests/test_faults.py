@@ -20,6 +20,8 @@ from runner.config import FIELDS, UsageError, _kind, parse_config
 from runner.records import write_text
 from conftest import ROOT
 from imagefolder import write_image_folder
+from amp import AMP
+from test_dropin import OPTS, tiny
 from test_flatness import QUICK, two_runs  # noqa: F401  (a fixture: an sgd and a sam run)
 from test_main import DATA, TINY, rows
 from test_reliability import ENV, spawn
@@ -207,3 +209,29 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_for_evaluate_and_resume(t
     assert main.main(["--resume", str(run_dir)]) == 1
     assert json.load(open(run_dir / "summary.json"))["message"] == summary["message"]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1 and len(rows(run_dir)) == 1
+
+
+@pytest.mark.parametrize("name", OPTS)
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(lr=float("inf")), "lr must be a finite number"),
+    (dict(base_optimizer=42), "base_optimizer must be a torch.optim.Optimizer subclass"),
+    (dict(base_optimizer="sgd"), "base_optimizer must be a torch.optim.Optimizer subclass"),
+    ("instance", "got an instance of SGD"),
+])
+def test_an_optimizer_refuses_bad_lr_and_base_optimizer_with_value_error(name, bad, match):
+    """AMP/RWP/SAM(...) with a non-finite lr (torch.optim.SGD takes it, and every weight turns NaN),
+    or a base optimizer that is no Optimizer class (an instance, a name): ValueError naming it."""
+    cls, radius = OPTS[name]
+    params = list(tiny().parameters())
+    kwargs = dict(lr=0.1, **radius)
+    kwargs.update(dict(base_optimizer=torch.optim.SGD(params, lr=0.1)) if bad == "instance" else bad)
+    with pytest.raises(ValueError, match=match):
+        cls(params, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [dict(epsilon=float("inf")), dict(inner_lr=float("inf"))])
+def test_amp_refuses_an_infinite_radius_or_step(bad):
+    """AMP's ε and ζ are finite like SAM's ρ and RWP's γ: ζ = inf made every weight NaN in one step."""
+    with pytest.raises(ValueError, match="must be a number >= 0 and finite"):
+        AMP(tiny().parameters(), lr=0.1, **{"epsilon": 0.5, **bad})
