@@ -235,3 +235,43 @@ def test_amp_refuses_an_infinite_radius_or_step(bad):
     """AMP's ε and ζ are finite like SAM's ρ and RWP's γ: ζ = inf made every weight NaN in one step."""
     with pytest.raises(ValueError, match="must be a number >= 0 and finite"):
         AMP(tiny().parameters(), lr=0.1, **{"epsilon": 0.5, **bad})
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+@pytest.mark.parametrize("flag", ["--csv", "--json", "--plot"])
+def test_report_and_flatness_outputs_on_a_full_disk_are_one_line_and_exit_1(two_runs, tmp_path, capsys, flag):  # noqa: F811
+    """report.py and flatness.py writing --csv/--json to a full disk (/dev/full), or a record into a
+    run folder on one (a file whose writes fail as a full disk's do): one line naming the file, exit 1,
+    no traceback, no half-written file left."""
+    _, runs = two_runs
+    report = __import__("report")
+    if flag != "--plot":  # (matplotlib's PNG writer does not report a failed write to /dev/full)
+        assert report.main([*runs, flag, "/dev/full"]) == 1
+        err = capsys.readouterr().err
+        assert err == "report.py: error: cannot write /dev/full: No space left on device\n", err
+        assert flatness.main([*runs, *QUICK, "--measures", "sharpness", "--out", str(tmp_path / "o"), flag, "/dev/full"]) == 1
+        err = capsys.readouterr().err
+        assert err == "flatness.py: error: cannot write /dev/full: No space left on device\n", err
+        return
+    record = os.path.join(runs[0], "flatness.json")
+    before = open(record).read() if os.path.exists(record) else None
+    real_open = open
+
+    def full_disk_open(path, mode="r", *a, **k):  # a file that fails on a full disk once written
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and ("r.png" in str(path) or "flatness.json" in str(path)):
+            def fail(*_):
+                raise OSError(28, "No space left on device")
+            f.write = fail
+        return f
+    with pytest.MonkeyPatch.context() as mp:
+        import builtins
+        mp.setattr(builtins, "open", full_disk_open)
+        assert report.main([*runs, "--plot", str(tmp_path / "r.png")]) == 1
+        assert flatness.main([runs[0], *QUICK, "--measures", "sharpness", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"report.py: error: cannot write {tmp_path / 'r.png'}: No space left on device",
+                   f"flatness.py: error: cannot write {record}: No space left on device"], err
+    assert not (tmp_path / "r.png").exists()
+    assert (open(record).read() if os.path.exists(record) else None) == before  # (written whole or not at all)
+    assert [f for f in os.listdir(runs[0]) if ".tmp" in f] == []
