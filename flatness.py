@@ -51,7 +51,7 @@ import sys
 
 from runner.config import UsageError
 from runner.flatness_plots import fmt as _fmt, plot, plot_density
-from runner.records import output_problem
+from runner.records import WriteFailed, output_problem, save_file
 
 MEASURES = ("curvature", "sharpness", "adaptive", "landscape")
 RECORD = "flatness.json"   # the per-run record in the run folder (report.py shows it when present)
@@ -406,12 +406,12 @@ def main(argv=None) -> int:
             try:
                 write_text(record, json.dumps(row, indent=1) + "\n")  # (atomic: an older record stays whole)
             except OSError as e:
-                raise OSError(e.errno, e.strerror, record) from None
+                raise WriteFailed(e.errno, e.strerror, record) from None
             rows.append(row)
     except UsageError as e:
         print(f"flatness.py: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # writing a run's flatness.json (or eigenvectors) failed: disk full, quota, ...
+    except WriteFailed as e:  # a run's flatness.json: disk full, quota, ...
         return _write_failed(e)
     except Exception as e:  # a missing or corrupt data set (data_utils.DataError) is bad input too
         import data_utils
@@ -431,31 +431,19 @@ def main(argv=None) -> int:
         across.scatter(rows, os.path.join(args.out, "correlation.png"))
     sys.stdout.write(table)
     try:
-        _save(os.path.join(args.out, "flatness.md"), lambda f: f.write(table))
+        save_file(os.path.join(args.out, "flatness.md"), lambda f: f.write(table))
         if "curvature" in args.measures and args.density:
             plot_density(rows, args.out)
         if "landscape" in args.measures:
             plot(rows, args.out, args)
-            _save(os.path.join(args.out, "landscape.csv"), lambda f: write_landscape_csv(rows, f))
+            save_file(os.path.join(args.out, "landscape.csv"), lambda f: write_landscape_csv(rows, f))
         if args.json:
-            _save(args.json, lambda f: json.dump(rows, f, indent=1))
+            save_file(args.json, lambda f: json.dump(rows, f, indent=1))
         if args.csv:
-            _save(args.csv, lambda f: write_rows_csv(rows, f))
+            save_file(args.csv, lambda f: write_rows_csv(rows, f))
     except OSError as e:
         return _write_failed(e)
     return 0
-
-
-def _save(path, write):
-    """write(file) into a new text file at `path`; if that fails (disk full, ...) the half-written
-    file is removed and the OSError names `path`."""
-    try:
-        with open(path, "w", newline="") as f:
-            write(f)
-    except OSError as e:
-        if os.path.isfile(path):
-            os.remove(path)
-        raise OSError(e.errno, e.strerror, path) from None
 
 
 def _write_failed(error: OSError) -> int:

@@ -19,12 +19,12 @@ between modes survives load better. Bad arguments: UsageError (bench.py: one lin
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 
 from runner.bench_step import Parser, UsageError
+from runner.records import save_json
 
 MODES = ("graph", "recompute")
 
@@ -153,8 +153,6 @@ def main(argv) -> dict:
         print(f"| {mode} | {f['ms']:.1f} | {peak} |")
     print(f"\nmodes agree to {diff:.1e} (largest relative difference of H·v)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        save_json(args.json, report)
     return report
 

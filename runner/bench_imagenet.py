@@ -3,11 +3,11 @@ pipeline (data_folder.py) against the official one (torchvision ImageFolder + PI
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 
 from runner.bench_step import Parser, UsageError, check_output, device_name
+from runner.records import save_json
 
 
 def _folder_parser():
@@ -248,7 +248,5 @@ def bench_imagenet_pipeline(argv):
         f"{k.replace('_', ' ').replace('one eighth', '1/8 DCT scale')} {v:.3f}" for k, v in stages.items()))
     print("\n".join(lines), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        save_json(args.json, report)
     return report

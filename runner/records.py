@@ -64,6 +64,29 @@ def output_problem(path: str):
     return None
 
 
+class WriteFailed(OSError):
+    """An output file could not be written (disk full, quota, ...); str() is one line naming it."""
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def save_file(path: str, write):
+    """write(file) into a new text file at `path` (in place, not atomic: `path` may be /dev/stdout);
+    if that fails, a half-written regular file is removed and WriteFailed is raised."""
+    try:
+        with open(path, "w", newline="") as f:
+            write(f)
+    except OSError as e:
+        if os.path.isfile(path):
+            os.remove(path)
+        raise WriteFailed(e.errno, e.strerror, path) from None
+
+
+def save_json(path: str, data):
+    save_file(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
+
+
 def load_checkpoint(path: str):
     import torch
     try:

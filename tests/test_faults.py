@@ -275,3 +275,17 @@ def test_report_and_flatness_outputs_on_a_full_disk_are_one_line_and_exit_1(two_
     assert not (tmp_path / "r.png").exists()
     assert (open(record).read() if os.path.exists(record) else None) == before  # (written whole or not at all)
     assert [f for f in os.listdir(runs[0]) if ".tmp" in f] == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_bench_json_on_a_full_disk_is_one_line_and_exit_1(capsys):
+    import bench
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (tiny ops on a shared 2-core machine are far slower with two)
+    argv = ["--quick", "--model", "wrn10_1", "--dataset", "synthetic", "--batch_size", "8", "--train_size", "64",
+            "--eval_batch_size", "32", "--optimizers", "sgd", "--json", "/dev/full"]
+    try:
+        assert bench.main_cli(argv) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().err == "bench.py: error: cannot write /dev/full: No space left on device\n"
