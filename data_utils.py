@@ -102,14 +102,22 @@ def _find_idx(folder: str, stem: str):
 def _fashion_mnist(data_dir: str, train: bool, download: bool):
     """(images, labels, the folder read)."""
     prefix = "train" if train else "t10k"
-    # Flat idx folders first: the one given, then the Debian package's.
+    # Flat idx folders first: the one given, then the Debian package's (only when the one given holds
+    # none of the four files: a partial copy is an error, never completed from elsewhere).
+    stems = [f"{p}-{k}-idx{n}-ubyte" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
+    partial = [s for s in stems if not _find_idx(data_dir, s)]
+    if 0 < len(partial) < 4:
+        raise DataError(f"fashionmnist: {data_dir!r} lacks {', '.join(s + '(.gz)' for s in partial)} of the four idx "
+                        f"files; put them there too (--data_dir)")
     for folder in (data_dir, DEBIAN_FASHION_MNIST):
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if images and labels:
-            x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
-            y = torch.from_numpy(_read_idx(labels).astype(np.int64))
-            return x, y, os.path.abspath(folder)
+            x, y = _read_idx(images), _read_idx(labels)
+            if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or (y.size and y.max() >= 10):
+                raise DataError(f"fashionmnist: {images} and {labels} do not fit (images {tuple(x.shape)}, labels "
+                                f"{tuple(y.shape)} up to {int(y.max()) if y.size else None}); expected N images and N labels 0..9")
+            return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)), os.path.abspath(folder)
     from torchvision import datasets
     try:  # torchvision's layout: data_dir/FashionMNIST/raw/
         with _UndoOnFailure(data_dir) if download else contextlib.nullcontext():

@@ -289,3 +289,39 @@ def test_bench_json_on_a_full_disk_is_one_line_and_exit_1(capsys):
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().err == "bench.py: error: cannot write /dev/full: No space left on device\n"
+
+
+def _write_idx(path, array):
+    """The idx format, gzipped: magic 0 0 0x08 ndim, big-endian uint32 dims, uint8 data."""
+    import gzip
+    import numpy as np
+    a = np.asarray(array, dtype=np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes() + a.tobytes())
+
+
+@pytest.mark.parametrize("fault", ["missing", "counts", "label"])
+def test_a_broken_fashion_mnist_folder_is_one_line_and_exit_2(tmp_path, capsys, fault):
+    """A --data_dir with three of the four idx files was completed from the Debian package's folder
+    (the test set from elsewhere, unsaid); 64 labels for 60 images, or a label 200, trained on or
+    crashed (IndexError). Each is one line naming the files, exit 2, no run folder."""
+    import numpy as np
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 64)):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 256, (n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", g.integers(0, 10, n))
+    if fault == "missing":
+        os.remove(data / "t10k-labels-idx1-ubyte.gz")
+    elif fault == "counts":
+        _write_idx(data / "train-images-idx3-ubyte.gz", g.integers(0, 256, (60, 28, 28)))
+    else:
+        _write_idx(data / "train-labels-idx1-ubyte.gz", [200] + [1] * 63)
+    args = ["--dataset", "fashionmnist", "--data_dir", str(data), "--model", "wrn10_1", "--epochs", "1",
+            "--batch_size", "32", "--out_dir", str(tmp_path / "runs")]
+    assert main.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("main.py: error: fashionmnist: "), err
+    assert ("lacks t10k-labels-idx1-ubyte" in err) if fault == "missing" else ("do not fit" in err), err
+    assert not (tmp_path / "runs").exists()
