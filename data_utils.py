@@ -104,11 +104,12 @@ def _fashion_mnist(data_dir: str, train: bool, download: bool):
     prefix = "train" if train else "t10k"
     # Flat idx folders first: the one given, then the Debian package's (only when the one given holds
     # none of the four files: a partial copy is an error, never completed from elsewhere).
-    stems = [f"{p}-{k}-idx{n}-ubyte" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
-    partial = [s for s in stems if not _find_idx(data_dir, s)]
-    if 0 < len(partial) < 4:
-        raise DataError(f"fashionmnist: {data_dir!r} lacks {', '.join(s + '(.gz)' for s in partial)} of the four idx "
-                        f"files; put them there too (--data_dir)")
+    pair = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    if any(_find_idx(data_dir, f"{p}-{k}") for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+        missing = [s + "(.gz)" for s in pair if not _find_idx(data_dir, s)]
+        if missing:
+            raise DataError(f"fashionmnist: {data_dir!r} holds idx files but not {' and '.join(missing)}; "
+                            f"put all four there (--data_dir)")
     for folder in (data_dir, DEBIAN_FASHION_MNIST):
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")

@@ -323,5 +323,5 @@ def test_a_broken_fashion_mnist_folder_is_one_line_and_exit_2(tmp_path, capsys, 
     assert main.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("main.py: error: fashionmnist: "), err
-    assert ("lacks t10k-labels-idx1-ubyte" in err) if fault == "missing" else ("do not fit" in err), err
+    assert ("holds idx files but not t10k-labels-idx1-ubyte" in err) if fault == "missing" else ("do not fit" in err), err
     assert not (tmp_path / "runs").exists()
