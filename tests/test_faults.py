@@ -325,3 +325,16 @@ def test_a_broken_fashion_mnist_folder_is_one_line_and_exit_2(tmp_path, capsys, 
     assert err.count("\n") == 1 and err.startswith("main.py: error: fashionmnist: "), err
     assert ("holds idx files but not t10k-labels-idx1-ubyte" in err) if fault == "missing" else ("do not fit" in err), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_python_m_models_refuses_arguments_and_a_closed_pipe_is_quiet():
+    """`python -m models foo` printed the table, exit 0 (the argument ignored); `python -m models |
+    head -1` ended with a BrokenPipeError traceback. Now: one line and exit 2; quiet, exit 0."""
+    p = subprocess.run([sys.executable, "-m", "models", "wrn10_1"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+    assert "it takes no arguments, got 'wrn10_1'" in p.stderr
+    p = subprocess.Popen([sys.executable, "-m", "models"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before the table is written
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and err == "", err
