@@ -338,3 +338,17 @@ def test_python_m_models_refuses_arguments_and_a_closed_pipe_is_quiet():
     p.stdout.close()  # the reader is gone before the table is written
     err = p.stderr.read()
     assert p.wait(timeout=120) == 0 and err == "", err
+
+
+@pytest.mark.parametrize("extra, message", [(["--bogus"], "unrecognized arguments: --bogus"),
+                                             (["--lr", "-1"], "lr: -1.0 is out of range"),
+                                             (["--out_dir"], "expected one argument")])
+def test_a_recipe_checks_main_py_arguments_once_before_any_row(tmp_path, extra, message):
+    """`recipes/X.sh --bogus` started every row, each failing with exit 2 ("going on"), dozens of
+    lines; now one line and exit 2 before any row, with or without --dry-run."""
+    for dry in ([], ["--dry-run"]):
+        p = subprocess.run(["bash", "recipes/sam_fashionmnist.sh", *dry, "--seeds", "0", *extra], cwd=ROOT,
+                           env={**ENV, "OUT": str(tmp_path / "runs")}, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+        assert p.stderr.startswith("sam_fashionmnist.sh: for main.py: ") and message in p.stderr, p.stderr
+    assert not (tmp_path / "runs").exists()
