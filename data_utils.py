@@ -179,6 +179,11 @@ def _torchvision(dataset: str, data_dir: str, train: bool, download: bool):
     except (RuntimeError, OSError) as e:  # OSError: urllib's URLError, ConnectionError
         if isinstance(e, OSError) and not download:
             raise
+        there = os.path.join(data_dir, {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
+                                        "svhn": f"{'train' if train else 'test'}_32x32.mat"}[dataset])
+        if not download and os.path.exists(there):  # (present, but torchvision's md5 check failed)
+            raise DataError(f"{dataset}: {there} is corrupt or incomplete (it fails torchvision's md5 check); "
+                            f"put the original files there, or run with --download") from None
         folder = {"cifar10": "the extracted cifar-10-batches-py/ folder",
                   "cifar100": "the extracted cifar-100-python/ folder",
                   "svhn": "train_32x32.mat and test_32x32.mat"}[dataset]

@@ -352,3 +352,16 @@ def test_a_recipe_checks_main_py_arguments_once_before_any_row(tmp_path, extra, 
         assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
         assert p.stderr.startswith("sam_fashionmnist.sh: for main.py: ") and message in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dataset, name", [("cifar10", "cifar-10-batches-py/data_batch_1"),
+                                           ("cifar100", "cifar-100-python/train"), ("svhn", "train_32x32.mat")])
+def test_a_corrupt_cifar_or_svhn_file_is_named_corrupt_not_missing(tmp_path, dataset, name):
+    """Files in place but damaged were reported as "not found ... put the files into" the folder that
+    holds them; now the file or folder is named as corrupt or incomplete."""
+    import data_utils
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x80\x04 not the original file")
+    with pytest.raises(data_utils.DataError, match=f"{dataset}: {tmp_path}/{name.split('/')[0]} is corrupt or incomplete"):
+        data_utils.load_dataset(dataset, str(tmp_path), True)
