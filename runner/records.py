@@ -87,12 +87,12 @@ def save_json(path: str, data):
     save_file(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, prefix: str = ""):
     import torch
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a plain-data checkpoint
-        raise UsageError(f"resume: cannot load {path} ({type(e).__name__}); it is corrupt or not ours") from None
+        raise UsageError(f"{prefix}cannot load {path} ({type(e).__name__}); it is corrupt or not ours") from None
 
 
 def check_checkpoint(ckpt, path) -> Config:
@@ -135,7 +135,7 @@ def read_checkpoint(run_dir: str, prefix: str = "", missing: str = " (the run sa
         raise UsageError(f"{prefix}{run_dir!r} is not a run folder")
     if not os.path.isfile(path):
         raise UsageError(f"{prefix}{run_dir!r} has no checkpoint.pt{missing}")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, prefix)
     return ckpt, check_checkpoint(ckpt, path)
 
 

@@ -365,3 +365,16 @@ def test_a_corrupt_cifar_or_svhn_file_is_named_corrupt_not_missing(tmp_path, dat
     path.write_bytes(b"\x80\x04 not the original file")
     with pytest.raises(data_utils.DataError, match=f"{dataset}: {tmp_path}/{name.split('/')[0]} is corrupt or incomplete"):
         data_utils.load_dataset(dataset, str(tmp_path), True)
+
+
+def test_a_truncated_checkpoint_is_named_without_resume_outside_a_resume(two_runs, tmp_path, capsys):  # noqa: F811
+    """--evaluate and flatness.py said "resume: cannot load ..." of a truncated checkpoint.pt."""
+    run = shutil.copytree(two_runs[1][0], tmp_path / "run")
+    ckpt = run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:3000])
+    assert main.main(["--evaluate", str(run), "--device", "cpu"]) == 2
+    assert flatness.main([str(run), *QUICK]) == 2
+    assert main.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{prog}: error: {how}cannot load {ckpt} (RuntimeError); it is corrupt or not ours"
+                   for prog, how in (("main.py", ""), ("flatness.py", ""), ("main.py", "resume: "))], err
