@@ -191,6 +191,8 @@ def _check_summary(summary):
     for field in ("final_test_error", "best_test_error"):
         if not _is_number(summary.get(field), optional=not completed):
             raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
+        if completed and not 0 <= summary[field] <= 100:  # (NaN too: it would make the group's mean NaN)
+            raise _Malformed(f"summary.json: {field} is {summary[field]!r}, not an error in [0, 100] %")
     for field in ("epochs_completed", "world_size"):
         if not _is_number(summary.get(field), optional=True):
             raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
@@ -215,6 +217,9 @@ def _read_rows(lines):
             raise _Malformed(f"metrics.jsonl line {i + 1} is not JSON") from None
         if not isinstance(row, dict) or not _is_number(row.get("epoch")):
             raise _Malformed(f"metrics.jsonl line {i + 1} is not a row of epoch metrics")
+        for field in ("test_error", "train_loss"):  # (the curves of --plot)
+            if not _is_number(row.get(field), optional=True):
+                raise _Malformed(f"metrics.jsonl line {i + 1}: {field} is {row.get(field)!r:.80}, not a number")
         rows.append(row)
     return rows, note
 

@@ -378,3 +378,22 @@ def test_a_truncated_checkpoint_is_named_without_resume_outside_a_resume(two_run
     err = capsys.readouterr().err.splitlines()
     assert err == [f"{prog}: error: {how}cannot load {ckpt} (RuntimeError); it is corrupt or not ours"
                    for prog, how in (("main.py", ""), ("flatness.py", ""), ("main.py", "resume: "))], err
+
+
+def test_report_never_averages_a_nan_error_nor_plots_a_metrics_row_that_is_not_numbers(two_runs, tmp_path, capsys):  # noqa: F811
+    """A completed summary.json with final_test_error NaN was averaged (the group's mean: nan); a
+    metrics.jsonl row with test_error "x" made --plot a TypeError traceback. Both are malformed now:
+    listed apart with the reason, never averaged or plotted."""
+    report = __import__("report")
+    nan_run = shutil.copytree(two_runs[1][0], tmp_path / "runs" / "nan")
+    summary = json.load(open(nan_run / "summary.json"))
+    (nan_run / "summary.json").write_text(json.dumps({**summary, "final_test_error": float("nan")}))
+    text_run = shutil.copytree(two_runs[1][0], tmp_path / "runs" / "text")
+    row = json.loads((text_run / "metrics.jsonl").read_text().splitlines()[0])
+    (text_run / "metrics.jsonl").write_text(json.dumps({**row, "test_error": "x"}) + "\n")
+    assert report.main([str(tmp_path / "runs"), "--plot", str(tmp_path / "p.png")]) == 1
+    out, err = capsys.readouterr()
+    assert err == "report.py: error: no completed runs to plot\n", err
+    assert "unreadable (summary.json: final_test_error is nan, not an error in [0, 100] %)" in out, out
+    assert "unreadable (metrics.jsonl line 1: test_error is 'x', not a number)" in out, out
+    assert "nan ±" not in out
