@@ -1,6 +1,8 @@
 """Faults a careful but unlucky user meets, one test per class: a removed lock file, float settings
 beyond float32, a checkpoint copied from another run, YAML alias bombs, symlink loops in an image
-folder, Ctrl-C in flatness.py, a diverged run's last good checkpoint."""
+folder, Ctrl-C in flatness.py, a diverged run's last good checkpoint; bad optimizer arguments, outputs
+on a full disk, broken Fashion-MNIST/CIFAR/SVHN folders, `python -m models` arguments, a recipe's bad
+main.py arguments, NaN or text in run records."""
 import json
 import os
 import shutil
