@@ -57,6 +57,7 @@ the parameters' dtype) work as they are. fp16 needs the gradients unscaled after
 once per step as torch.amp.GradScaler does (the ascent would see scaled or inf gradients); the
 runner's runner/scaler.py does that in the closure and skips the base step on overflow.
 """
+import math
 import numbers
 
 import torch
@@ -71,8 +72,8 @@ _TINY = 1e-12  # the official code's guard in ε / (‖Δ‖ + 1e-12)
 
 
 def _check_nonneg(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"AMP: {name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"AMP: {name} must be a number >= 0 and finite, got {value!r}")
 
 
 def _same_tensors(a, b):
@@ -289,7 +290,15 @@ def _lr_and_base(name, lr, base_optimizer, kwargs):
         lr = kwargs.pop("lr")
     if lr is None:
         raise TypeError(f"{name}: missing required argument 'lr' (the base optimizer's learning rate)")
-    return lr, torch.optim.SGD if base_optimizer is None else base_optimizer
+    if isinstance(lr, (int, float)) and not math.isfinite(lr):  # (torch.optim.SGD itself takes nan and inf)
+        raise ValueError(f"{name}: lr must be a finite number, got {lr!r}")
+    base_optimizer = torch.optim.SGD if base_optimizer is None else base_optimizer
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
+               else repr(base_optimizer)[:80])
+        raise ValueError(f"{name}: base_optimizer must be a torch.optim.Optimizer subclass (the class, "
+                         f"e.g. torch.optim.SGD), got {got}")
+    return lr, base_optimizer
 
 
 def _detach(value):

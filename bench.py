@@ -16,14 +16,14 @@ core against the official one) and runner/bench_decode.py (`bench.py jpeg_decode
 CPU workers against on the GPU).
 
 Prints Markdown tables; `--json` writes device, torch version, date, the command line, the resolved
-Config and every figure. Exit code 2 with one line on stderr for bad arguments.
+Config and every figure. Exit codes: 0 done; 1 `--json` could not be written (disk full; the file
+named, a half-written one removed); 2 bad arguments; each with one line on stderr.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import difflib
-import json
 import os
 import platform
 import sys
@@ -34,7 +34,7 @@ from runner.bench_imagenet import bench_imagenet_pipeline
 from runner.bench_step import (OtherCPU, add_flops, bench_eval, bench_pipeline, bench_train, check_sync, device_for,
                                device_name, profile_steps)
 from runner.config import Parser, UsageError
-from runner.records import check_output
+from runner.records import WriteFailed, check_output, save_json
 
 BENCH_OPTIMIZERS = ("sgd", "amp", "rwp", "sam", "asam")
 # Config settings bench.py starts from when no --config is given (small enough for a 2-core CPU;
@@ -211,9 +211,7 @@ def run(argv):
     report["loadavg_end"] = list(os.getloadavg())
     print(tables(report), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        save_json(args.json, report)
     return report
 
 
@@ -224,6 +222,9 @@ def main_cli(argv=None) -> int:
             MODES[argv[0]](argv[1:])
             return 0
         run(argv)
+    except WriteFailed as e:  # --json on a full disk
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         from data_utils import DataError
         if not isinstance(e, (UsageError, DataError)):

@@ -102,14 +102,23 @@ def _find_idx(folder: str, stem: str):
 def _fashion_mnist(data_dir: str, train: bool, download: bool):
     """(images, labels, the folder read)."""
     prefix = "train" if train else "t10k"
-    # Flat idx folders first: the one given, then the Debian package's.
+    # Flat idx folders first: the one given, then the Debian package's (only when the one given holds
+    # none of the four files: a partial copy is an error, never completed from elsewhere).
+    pair = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    if any(_find_idx(data_dir, f"{p}-{k}") for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+        missing = [s + "(.gz)" for s in pair if not _find_idx(data_dir, s)]
+        if missing:
+            raise DataError(f"fashionmnist: {data_dir!r} holds idx files but not {' and '.join(missing)}; "
+                            f"put all four there (--data_dir)")
     for folder in (data_dir, DEBIAN_FASHION_MNIST):
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if images and labels:
-            x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
-            y = torch.from_numpy(_read_idx(labels).astype(np.int64))
-            return x, y, os.path.abspath(folder)
+            x, y = _read_idx(images), _read_idx(labels)
+            if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or (y.size and y.max() >= 10):
+                raise DataError(f"fashionmnist: {images} and {labels} do not fit (images {tuple(x.shape)}, labels "
+                                f"{tuple(y.shape)} up to {int(y.max()) if y.size else None}); expected N images and N labels 0..9")
+            return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)), os.path.abspath(folder)
     from torchvision import datasets
     try:  # torchvision's layout: data_dir/FashionMNIST/raw/
         with _UndoOnFailure(data_dir) if download else contextlib.nullcontext():
@@ -170,6 +179,11 @@ def _torchvision(dataset: str, data_dir: str, train: bool, download: bool):
     except (RuntimeError, OSError) as e:  # OSError: urllib's URLError, ConnectionError
         if isinstance(e, OSError) and not download:
             raise
+        there = os.path.join(data_dir, {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
+                                        "svhn": f"{'train' if train else 'test'}_32x32.mat"}[dataset])
+        if not download and os.path.exists(there):  # (present, but torchvision's md5 check failed)
+            raise DataError(f"{dataset}: {there} is corrupt or incomplete (it fails torchvision's md5 check); "
+                            f"put the original files there, or run with --download") from None
         folder = {"cifar10": "the extracted cifar-10-batches-py/ folder",
                   "cifar100": "the extracted cifar-100-python/ folder",
                   "svhn": "train_32x32.mat and test_32x32.mat"}[dataset]

@@ -31,8 +31,9 @@ spectral_density.png (--density), correlation.png (≥ 3 runs), and each run's r
 <run>/hessian_eigenvectors.pt); --json and --csv write the per-run rows. Definitions and sources:
 docs/flatness.md.
 
-Exit codes: 0 done; 2 bad input (not a run folder, a checkpoint that does not fit its model, an
-analysis set larger than the data) with one line.
+Exit codes: 0 done; 1 an output could not be written (disk full: the file named, a half-written one
+removed); 2 bad input (not a run folder, a checkpoint that does not fit its model, an analysis set
+larger than the data); 130 Ctrl-C; each with one line on stderr.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import sys
 
 from runner.config import Parser, UsageError
 from runner.flatness_plots import fmt as _fmt, plot, plot_density
-from runner.records import check_output
+from runner.records import WriteFailed, check_output, save_file
 
 MEASURES = ("curvature", "sharpness", "adaptive", "landscape")
 RECORD = "flatness.json"   # the per-run record in the run folder (report.py shows it when present)
@@ -332,27 +333,25 @@ def markdown(rows, args) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def write_landscape_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run_dir", "axes", "alpha", "beta", "loss", "error"])
-        for r in rows:
-            c = r["landscape_1d"]
-            for a, loss, err in zip(c["alpha"], c["loss"], c["error"]):
-                w.writerow([r["run_dir"], "1d", a, "", loss, err])
-            s = r.get("landscape_2d")
-            if s:
-                for j, b in enumerate(s["beta"]):
-                    for i, a in enumerate(s["alpha"]):
-                        w.writerow([r["run_dir"], "2d", a, b, s["loss"][j][i], ""])
+def write_landscape_csv(rows, f):
+    w = csv.writer(f)
+    w.writerow(["run_dir", "axes", "alpha", "beta", "loss", "error"])
+    for r in rows:
+        c = r["landscape_1d"]
+        for a, loss, err in zip(c["alpha"], c["loss"], c["error"]):
+            w.writerow([r["run_dir"], "1d", a, "", loss, err])
+        s = r.get("landscape_2d")
+        if s:
+            for j, b in enumerate(s["beta"]):
+                for i, a in enumerate(s["alpha"]):
+                    w.writerow([r["run_dir"], "2d", a, b, s["loss"][j][i], ""])
 
 
-def write_rows_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "hessian_top_eigenvalues": " ".join(map(repr, r.get("hessian_top_eigenvalues", [])))})
+def write_rows_csv(rows, f):
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "hessian_top_eigenvalues": " ".join(map(repr, r.get("hessian_top_eigenvalues", [])))})
 
 
 # ----------------------------------------------------------------------------- main
@@ -396,11 +395,17 @@ def main(argv=None) -> int:
             row = dict(zip(("dataset", "model", "optimizer", "setting", "seed"), label))
             row = {"run_dir": run_dir, **row, **rec,
                    "settings": {k: v for k, v in vars(args).items() if k not in ("runs", "json", "csv", "out")}}
-            write_text(os.path.join(run_dir, RECORD), json.dumps(row, indent=1) + "\n")
+            record = os.path.join(run_dir, RECORD)
+            try:
+                write_text(record, json.dumps(row, indent=1) + "\n")  # (atomic: an older record stays whole)
+            except OSError as e:
+                raise WriteFailed(e.errno, e.strerror, record) from None
             rows.append(row)
     except UsageError as e:
         print(f"flatness.py: error: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:  # a run's flatness.json: disk full, quota, ...
+        return _write_failed(e)
     except Exception as e:  # a missing or corrupt data set (data_utils.DataError) is bad input too
         import data_utils
         if isinstance(e, data_utils.DataError):
@@ -418,19 +423,27 @@ def main(argv=None) -> int:
                   "(scatter: correlation.png).\n\n" + across.markdown(corr, _fmt))
         across.scatter(rows, os.path.join(args.out, "correlation.png"))
     sys.stdout.write(table)
-    with open(os.path.join(args.out, "flatness.md"), "w") as f:
-        f.write(table)
-    if "curvature" in args.measures and args.density:
-        plot_density(rows, args.out)
-    if "landscape" in args.measures:
-        plot(rows, args.out, args)
-        write_landscape_csv(rows, os.path.join(args.out, "landscape.csv"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.csv:
-        write_rows_csv(rows, args.csv)
+    try:
+        save_file(os.path.join(args.out, "flatness.md"), lambda f: f.write(table))
+        if "curvature" in args.measures and args.density:
+            plot_density(rows, args.out)
+        if "landscape" in args.measures:
+            plot(rows, args.out, args)
+            save_file(os.path.join(args.out, "landscape.csv"), lambda f: write_landscape_csv(rows, f))
+        if args.json:
+            save_file(args.json, lambda f: json.dump(rows, f, indent=1))
+        if args.csv:
+            save_file(args.csv, lambda f: write_rows_csv(rows, f))
+    except OSError as e:
+        return _write_failed(e)
     return 0
+
+
+def _write_failed(error: OSError) -> int:
+    """One line for an output that could not be written; exit code 1 (a runtime failure)."""
+    where = f" {error.filename}" if error.filename else ""
+    print(f"flatness.py: error: cannot write{where}: {error.strerror or error}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

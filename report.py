@@ -48,7 +48,8 @@ Grouping ignores:
     augment (pad_fill also matters for AutoAugment's fill), label_smoothing_style without
     label_smoothing, mixup_beta without mixup_alpha, adv_step / adv_iter without adv_epsilon.
 
-Exit codes: 0 done; 1 nothing to plot; 2 bad arguments or no run folders found (one line on stderr).
+Exit codes: 0 done; 1 nothing to plot, or --csv/--json/--plot could not be written (disk full: the file is removed);
+2 bad arguments or no run folders found (one line on stderr).
 """
 from __future__ import annotations
 
@@ -187,6 +188,8 @@ def _check_summary(summary):
     for field in ("final_test_error", "best_test_error"):
         if not _is_number(summary.get(field), optional=not completed):
             raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
+        if completed and not 0 <= summary[field] <= 100:  # (NaN too: it would make the group's mean NaN)
+            raise _Malformed(f"summary.json: {field} is {summary[field]!r}, not an error in [0, 100] %")
     for field in ("epochs_completed", "world_size"):
         if not _is_number(summary.get(field), optional=True):
             raise _Malformed(f"summary.json: {field} is {summary.get(field)!r}, not a number")
@@ -211,6 +214,9 @@ def _read_rows(lines):
             raise _Malformed(f"metrics.jsonl line {i + 1} is not JSON") from None
         if not isinstance(row, dict) or not _is_number(row.get("epoch")):
             raise _Malformed(f"metrics.jsonl line {i + 1} is not a row of epoch metrics")
+        for field in ("test_error", "train_loss"):  # (the curves of --plot)
+            if not _is_number(row.get(field), optional=True):
+                raise _Malformed(f"metrics.jsonl line {i + 1}: {field} is {row.get(field)!r:.80}, not a number")
         rows.append(row)
     return rows, note
 
@@ -564,15 +570,21 @@ def main(argv=None) -> int:
     sys.stdout.write(markdown(groups, others))
     for table, planned in plans:
         sys.stdout.write("\n" + status_markdown(table, planned))
-    if args.csv:
-        write_csv(args.csv, groups)
-    if args.json:
-        write_json(args.json, groups, others)
+    outputs = [(args.csv, lambda: write_csv(args.csv, groups)), (args.json, lambda: write_json(args.json, groups, others))]
     if args.plot:
         if not groups:
             print("report.py: error: no completed runs to plot", file=sys.stderr)
             return 1
-        plot(groups, args.plot)
+        outputs.append((args.plot, lambda: plot(groups, args.plot)))
+    for path, write in outputs:
+        if path:
+            try:
+                write()
+            except OSError as e:  # (disk full, quota, a failing disk): no half-written file is left
+                if os.path.isfile(path):
+                    os.remove(path)
+                print(f"report.py: error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+                return 1
     return 0
 
 

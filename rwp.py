@@ -458,7 +458,15 @@ def _lr_and_base(name, lr, base_optimizer, kwargs):
         lr = kwargs.pop("lr")
     if lr is None:
         raise TypeError(f"{name}: missing required argument 'lr' (the base optimizer's learning rate)")
-    return lr, torch.optim.SGD if base_optimizer is None else base_optimizer
+    if isinstance(lr, (int, float)) and not math.isfinite(lr):  # (torch.optim.SGD itself takes nan and inf)
+        raise ValueError(f"{name}: lr must be a finite number, got {lr!r}")
+    base_optimizer = torch.optim.SGD if base_optimizer is None else base_optimizer
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
+               else repr(base_optimizer)[:80])
+        raise ValueError(f"{name}: base_optimizer must be a torch.optim.Optimizer subclass (the class, "
+                         f"e.g. torch.optim.SGD), got {got}")
+    return lr, base_optimizer
 
 
 def _check_total_steps(total_steps):

@@ -60,6 +60,7 @@ or ``p.data =``); ``state_dict()`` is the base optimizer's (momentum survives a 
 an LR scheduler on the wrapper drives the base optimizer; no host sync inside ``step``.
 """
 import contextlib
+import math
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -109,8 +110,6 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
         if not isinstance(shared_draws, bool):
             raise ValueError(f"shared_draws must be True or False, got {shared_draws!r}")
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         if bn_update is None:
@@ -425,7 +424,15 @@ def _lr_and_base(name, lr, base_optimizer, kwargs):
         lr = kwargs.pop("lr")
     if lr is None:
         raise TypeError(f"{name}: missing required argument 'lr' (the base optimizer's learning rate)")
-    return lr, torch.optim.SGD if base_optimizer is None else base_optimizer
+    if isinstance(lr, (int, float)) and not math.isfinite(lr):  # (torch.optim.SGD itself takes nan and inf)
+        raise ValueError(f"{name}: lr must be a finite number, got {lr!r}")
+    base_optimizer = torch.optim.SGD if base_optimizer is None else base_optimizer
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        got = (f"an instance of {type(base_optimizer).__name__}" if isinstance(base_optimizer, torch.optim.Optimizer)
+               else repr(base_optimizer)[:80])
+        raise ValueError(f"{name}: base_optimizer must be a torch.optim.Optimizer subclass (the class, "
+                         f"e.g. torch.optim.SGD), got {got}")
+    return lr, base_optimizer
 
 
 def _check_nonneg(name, value):

@@ -81,6 +81,21 @@ running() {
   [[ -e $1/.lock ]] && ! python -c 'import fcntl, os, sys; fcntl.lockf(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_SH | fcntl.LOCK_NB)' "$1/.lock" 2>/dev/null
 }
 
+# check_extra CONFIG: the arguments for main.py, checked once with the first row's config as main.py
+# checks them, so a typo or a bad value is one line and exit 2, not one failed run per row.
+EXTRA_CHECKED=0
+check_extra() {
+  (( EXTRA_CHECKED == 0 && ${#EXTRA[@]} )) || return 0
+  EXTRA_CHECKED=1
+  python -c 'import sys
+from runner.config import UsageError, parse_config
+try:
+    parse_config(sys.argv[2:])
+except UsageError as e:
+    print(f"{sys.argv[1]}: for main.py: {e}", file=sys.stderr)
+    sys.exit(2)' "$RECIPE.sh" --config "$1" "${EXTRA[@]}" || exit 2
+}
+
 # run_configs LAUNCHER CONFIG... : every seed of SEEDS x every config, seed-major (a whole table with
 # n = 1 comes first). LAUNCHER is split into words ("torchrun --nproc_per_node 2").
 run_configs() {
@@ -89,6 +104,7 @@ run_configs() {
     for config in "$@"; do
       stem=$(basename "$config" .yaml)
       [[ -z $ONLY || $stem == *"$ONLY"* ]] || continue
+      check_extra "$config"
       dir=$OUT/${stem}_s$seed
       if (( SLURM )); then  # (submitted by report)
         slurm_add "$launch" "$stem" "$seed" main.py --config "$config" --seed "$seed" --out_dir "$OUT" \

@@ -23,14 +23,13 @@ workers busy without writing thousands of files.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import statistics
 import time
 
 from runner.bench_step import device_name
 from runner.config import Parser, UsageError
-from runner.records import check_output
+from runner.records import check_output, save_json
 
 
 def _parser():
@@ -168,7 +167,5 @@ def bench_jpeg_decode(argv):
         f"{on_device['decode_crop_resize']['images_per_s']:.0f} |",
         f"(median of {args.passes} passes after one warm-up pass)"]), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        save_json(args.json, report)
     return report

@@ -32,13 +32,13 @@ between modes survives load better. Bad arguments: UsageError (bench.py: one lin
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 import warnings
 
 from runner.config import Parser, UsageError
+from runner.records import save_json
 
 MODES = ("graph", "recompute")
 PYHESSIAN = ("pyhessian_batch", "pyhessian_loader")
@@ -222,7 +222,5 @@ def main(argv) -> dict:
         ratio = "" if f["ratio"] is None else f"{f['ratio']:.2f}"
         print(f"| {method} | {f['ms']:,.1f} | {ratio} | {peak} | {f['difference']:.1e} |")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        save_json(args.json, report)
     return report

@@ -3,13 +3,12 @@ pipeline (data_folder.py) against the official one (torchvision ImageFolder + PI
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 
 from runner.bench_step import device_name
 from runner.config import Parser, UsageError
-from runner.records import check_output
+from runner.records import check_output, save_json
 
 
 def _folder_parser():
@@ -250,7 +249,5 @@ def bench_imagenet_pipeline(argv):
         f"{k.replace('_', ' ').replace('one eighth', '1/8 DCT scale')} {v:.3f}" for k, v in stages.items()))
     print("\n".join(lines), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        save_json(args.json, report)
     return report

@@ -71,12 +71,35 @@ def output_problem(path: str):
     return None
 
 
-def load_checkpoint(path: str):
+class WriteFailed(OSError):
+    """An output file could not be written (disk full, quota, ...); str() is one line naming it."""
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def save_file(path: str, write):
+    """write(file) into a new text file at `path` (in place, not atomic: `path` may be /dev/stdout);
+    if that fails, a half-written regular file is removed and WriteFailed is raised."""
+    try:
+        with open(path, "w", newline="") as f:
+            write(f)
+    except OSError as e:
+        if os.path.isfile(path):
+            os.remove(path)
+        raise WriteFailed(e.errno, e.strerror, path) from None
+
+
+def save_json(path: str, data):
+    save_file(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
+
+
+def load_checkpoint(path: str, prefix: str = ""):
     import torch
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a plain-data checkpoint
-        raise UsageError(f"resume: cannot load {path} ({type(e).__name__}); it is corrupt or not ours") from None
+        raise UsageError(f"{prefix}cannot load {path} ({type(e).__name__}); it is corrupt or not ours") from None
 
 
 def check_checkpoint(ckpt, path) -> Config:
@@ -119,7 +142,7 @@ def read_checkpoint(run_dir: str, prefix: str = "", missing: str = " (the run sa
         raise UsageError(f"{prefix}{run_dir!r} is not a run folder")
     if not os.path.isfile(path):
         raise UsageError(f"{prefix}{run_dir!r} has no checkpoint.pt{missing}")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, prefix)
     return ckpt, check_checkpoint(ckpt, path)
 
 

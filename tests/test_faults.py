@@ -1,6 +1,8 @@
 """Faults a careful but unlucky user meets, one test per class: a removed lock file, float settings
 beyond float32, a checkpoint copied from another run, YAML alias bombs, symlink loops in an image
-folder, Ctrl-C in flatness.py, a diverged run's last good checkpoint."""
+folder, Ctrl-C in flatness.py, a diverged run's last good checkpoint; bad optimizer arguments, outputs
+on a full disk, broken Fashion-MNIST/CIFAR/SVHN folders, `python -m models` arguments, a recipe's bad
+main.py arguments, NaN or text in run records."""
 import json
 import os
 import shutil
@@ -20,6 +22,8 @@ from runner.config import FIELDS, UsageError, _kind, parse_config
 from runner.records import write_text
 from conftest import ROOT
 from imagefolder import write_image_folder
+from amp import AMP
+from test_dropin import OPTS, tiny
 from test_flatness import QUICK, two_runs  # noqa: F401  (a fixture: an sgd and a sam run)
 from test_main import DATA, TINY, rows
 from test_reliability import ENV, spawn
@@ -207,3 +211,191 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_for_evaluate_and_resume(t
     assert main.main(["--resume", str(run_dir)]) == 1
     assert json.load(open(run_dir / "summary.json"))["message"] == summary["message"]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1 and len(rows(run_dir)) == 1
+
+
+@pytest.mark.parametrize("name", OPTS)
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(lr=float("inf")), "lr must be a finite number"),
+    (dict(base_optimizer=42), "base_optimizer must be a torch.optim.Optimizer subclass"),
+    (dict(base_optimizer="sgd"), "base_optimizer must be a torch.optim.Optimizer subclass"),
+    ("instance", "got an instance of SGD"),
+])
+def test_an_optimizer_refuses_bad_lr_and_base_optimizer_with_value_error(name, bad, match):
+    """AMP/RWP/SAM(...) with a non-finite lr (torch.optim.SGD takes it, and every weight turns NaN),
+    or a base optimizer that is no Optimizer class (an instance, a name): ValueError naming it."""
+    cls, radius = OPTS[name]
+    params = list(tiny().parameters())
+    kwargs = dict(lr=0.1, **radius)
+    kwargs.update(dict(base_optimizer=torch.optim.SGD(params, lr=0.1)) if bad == "instance" else bad)
+    with pytest.raises(ValueError, match=match):
+        cls(params, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [dict(epsilon=float("inf")), dict(inner_lr=float("inf"))])
+def test_amp_refuses_an_infinite_radius_or_step(bad):
+    """AMP's ε and ζ are finite like SAM's ρ and RWP's γ: ζ = inf made every weight NaN in one step."""
+    with pytest.raises(ValueError, match="must be a number >= 0 and finite"):
+        AMP(tiny().parameters(), lr=0.1, **{"epsilon": 0.5, **bad})
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+@pytest.mark.parametrize("flag", ["--csv", "--json", "--plot"])
+def test_report_and_flatness_outputs_on_a_full_disk_are_one_line_and_exit_1(two_runs, tmp_path, capsys, flag):  # noqa: F811
+    """report.py and flatness.py writing --csv/--json to a full disk (/dev/full), or a record into a
+    run folder on one (a file whose writes fail as a full disk's do): one line naming the file, exit 1,
+    no traceback, no half-written file left."""
+    _, runs = two_runs
+    report = __import__("report")
+    if flag != "--plot":  # (matplotlib's PNG writer does not report a failed write to /dev/full)
+        assert report.main([*runs, flag, "/dev/full"]) == 1
+        err = capsys.readouterr().err
+        assert err == "report.py: error: cannot write /dev/full: No space left on device\n", err
+        assert flatness.main([*runs, *QUICK, "--measures", "sharpness", "--out", str(tmp_path / "o"), flag, "/dev/full"]) == 1
+        err = capsys.readouterr().err
+        assert err == "flatness.py: error: cannot write /dev/full: No space left on device\n", err
+        return
+    record = os.path.join(runs[0], "flatness.json")
+    before = open(record).read() if os.path.exists(record) else None
+    real_open = open
+
+    def full_disk_open(path, mode="r", *a, **k):  # a file that fails on a full disk once written
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and ("r.png" in str(path) or "flatness.json" in str(path)):
+            def fail(*_):
+                raise OSError(28, "No space left on device")
+            f.write = fail
+        return f
+    with pytest.MonkeyPatch.context() as mp:
+        import builtins
+        mp.setattr(builtins, "open", full_disk_open)
+        assert report.main([*runs, "--plot", str(tmp_path / "r.png")]) == 1
+        assert flatness.main([runs[0], *QUICK, "--measures", "sharpness", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"report.py: error: cannot write {tmp_path / 'r.png'}: No space left on device",
+                   f"flatness.py: error: cannot write {record}: No space left on device"], err
+    assert not (tmp_path / "r.png").exists()
+    assert (open(record).read() if os.path.exists(record) else None) == before  # (written whole or not at all)
+    assert [f for f in os.listdir(runs[0]) if ".tmp" in f] == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_bench_json_on_a_full_disk_is_one_line_and_exit_1(capsys):
+    import bench
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (tiny ops on a shared 2-core machine are far slower with two)
+    argv = ["--quick", "--model", "wrn10_1", "--dataset", "synthetic", "--batch_size", "8", "--train_size", "64",
+            "--eval_batch_size", "32", "--optimizers", "sgd", "--json", "/dev/full"]
+    try:
+        assert bench.main_cli(argv) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().err == "bench.py: error: cannot write /dev/full: No space left on device\n"
+
+
+def _write_idx(path, array):
+    """The idx format, gzipped: magic 0 0 0x08 ndim, big-endian uint32 dims, uint8 data."""
+    import gzip
+    import numpy as np
+    a = np.asarray(array, dtype=np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes() + a.tobytes())
+
+
+@pytest.mark.parametrize("fault", ["missing", "counts", "label"])
+def test_a_broken_fashion_mnist_folder_is_one_line_and_exit_2(tmp_path, capsys, fault):
+    """A --data_dir with three of the four idx files was completed from the Debian package's folder
+    (the test set from elsewhere, unsaid); 64 labels for 60 images, or a label 200, trained on or
+    crashed (IndexError). Each is one line naming the files, exit 2, no run folder."""
+    import numpy as np
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 64)):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 256, (n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", g.integers(0, 10, n))
+    if fault == "missing":
+        os.remove(data / "t10k-labels-idx1-ubyte.gz")
+    elif fault == "counts":
+        _write_idx(data / "train-images-idx3-ubyte.gz", g.integers(0, 256, (60, 28, 28)))
+    else:
+        _write_idx(data / "train-labels-idx1-ubyte.gz", [200] + [1] * 63)
+    args = ["--dataset", "fashionmnist", "--data_dir", str(data), "--model", "wrn10_1", "--epochs", "1",
+            "--batch_size", "32", "--out_dir", str(tmp_path / "runs")]
+    assert main.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("main.py: error: fashionmnist: "), err
+    assert ("holds idx files but not t10k-labels-idx1-ubyte" in err) if fault == "missing" else ("do not fit" in err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_python_m_models_refuses_arguments_and_a_closed_pipe_is_quiet():
+    """`python -m models foo` printed the table, exit 0 (the argument ignored); `python -m models |
+    head -1` ended with a BrokenPipeError traceback. Now: one line and exit 2; quiet, exit 0."""
+    p = subprocess.run([sys.executable, "-m", "models", "wrn10_1"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+    assert "it takes no arguments, got 'wrn10_1'" in p.stderr
+    p = subprocess.Popen([sys.executable, "-m", "models"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before the table is written
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and err == "", err
+
+
+@pytest.mark.parametrize("extra, message", [(["--bogus"], "unrecognized arguments: --bogus"),
+                                             (["--lr", "-1"], "lr: -1.0 is out of range"),
+                                             (["--out_dir"], "expected one argument")])
+def test_a_recipe_checks_main_py_arguments_once_before_any_row(tmp_path, extra, message):
+    """`recipes/X.sh --bogus` started every row, each failing with exit 2 ("going on"), dozens of
+    lines; now one line and exit 2 before any row, with or without --dry-run."""
+    for dry in ([], ["--dry-run"]):
+        p = subprocess.run(["bash", "recipes/sam_fashionmnist.sh", *dry, "--seeds", "0", *extra], cwd=ROOT,
+                           env={**ENV, "OUT": str(tmp_path / "runs")}, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+        assert p.stderr.startswith("sam_fashionmnist.sh: for main.py: ") and message in p.stderr, p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dataset, name", [("cifar10", "cifar-10-batches-py/data_batch_1"),
+                                           ("cifar100", "cifar-100-python/train"), ("svhn", "train_32x32.mat")])
+def test_a_corrupt_cifar_or_svhn_file_is_named_corrupt_not_missing(tmp_path, dataset, name):
+    """Files in place but damaged were reported as "not found ... put the files into" the folder that
+    holds them; now the file or folder is named as corrupt or incomplete."""
+    import data_utils
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x80\x04 not the original file")
+    with pytest.raises(data_utils.DataError, match=f"{dataset}: {tmp_path}/{name.split('/')[0]} is corrupt or incomplete"):
+        data_utils.load_dataset(dataset, str(tmp_path), True)
+
+
+def test_a_truncated_checkpoint_is_named_without_resume_outside_a_resume(two_runs, tmp_path, capsys):  # noqa: F811
+    """--evaluate and flatness.py said "resume: cannot load ..." of a truncated checkpoint.pt."""
+    run = shutil.copytree(two_runs[1][0], tmp_path / "run")
+    ckpt = run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:3000])
+    assert main.main(["--evaluate", str(run), "--device", "cpu"]) == 2
+    assert flatness.main([str(run), *QUICK]) == 2
+    assert main.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{prog}: error: {how}cannot load {ckpt} (RuntimeError); it is corrupt or not ours"
+                   for prog, how in (("main.py", ""), ("flatness.py", ""), ("main.py", "resume: "))], err
+
+
+def test_report_never_averages_a_nan_error_nor_plots_a_metrics_row_that_is_not_numbers(two_runs, tmp_path, capsys):  # noqa: F811
+    """A completed summary.json with final_test_error NaN was averaged (the group's mean: nan); a
+    metrics.jsonl row with test_error "x" made --plot a TypeError traceback. Both are malformed now:
+    listed apart with the reason, never averaged or plotted."""
+    report = __import__("report")
+    nan_run = shutil.copytree(two_runs[1][0], tmp_path / "runs" / "nan")
+    summary = json.load(open(nan_run / "summary.json"))
+    (nan_run / "summary.json").write_text(json.dumps({**summary, "final_test_error": float("nan")}))
+    text_run = shutil.copytree(two_runs[1][0], tmp_path / "runs" / "text")
+    row = json.loads((text_run / "metrics.jsonl").read_text().splitlines()[0])
+    (text_run / "metrics.jsonl").write_text(json.dumps({**row, "test_error": "x"}) + "\n")
+    assert report.main([str(tmp_path / "runs"), "--plot", str(tmp_path / "p.png")]) == 1
+    out, err = capsys.readouterr()
+    assert err == "report.py: error: no completed runs to plot\n", err
+    assert "unreadable (summary.json: final_test_error is nan, not an error in [0, 100] %)" in out, out
+    assert "unreadable (metrics.jsonl line 1: test_error is 'x', not a number)" in out, out
+    assert "nan ±" not in out

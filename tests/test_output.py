@@ -95,6 +95,7 @@ def test_python_m_models_lists_the_wrn_rule(capsys, monkeypatch):
     import runpy
     import models
     monkeypatch.setattr(models, "markdown_table", lambda: "TABLE")  # (the table: test_models.py)
+    monkeypatch.setattr(sys, "argv", ["models"])  # (pytest's own arguments would be refused)
     runpy.run_module("models", run_name="__main__")
     out = capsys.readouterr().out
     assert "wrn{depth}_{width}" in out and "depth = 6n+4" in out and out.endswith("TABLE\n")
