@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,14 +122,26 @@ def test_huge_learning_rate_diverges_with_exit_1(tmp_path, capsys):
         assert not (run_dir / "checkpoint.pt").exists()
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 2-epoch SGD run, trained once for the tests below that only read or edit its files."""
+    code, run_dir = run(tmp_path_factory.mktemp("finished"), *TINY, "--optimizer", "sgd", "--epochs", "2", name="done")
+    assert code == 0
+    return run_dir
+
+
+def copy_of(finished, tmp_path, name):
+    """A private copy of the finished run (each test edits its own files)."""
+    return shutil.copytree(finished, tmp_path / "runs" / name)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['EVIL_MARKER']}",))
 
 
-def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch):
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="victim")[0] == 0
-    run_dir = tmp_path / "runs" / "victim"
+def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch, finished):
+    run_dir = copy_of(finished, tmp_path, "victim")
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EVIL_MARKER", str(marker))
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -139,9 +152,8 @@ def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch
     assert "cannot load" in capsys.readouterr().err and not marker.exists()
 
 
-def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="c")[0] == 0
-    run_dir = tmp_path / "runs" / "c"
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys, finished):
+    run_dir = copy_of(finished, tmp_path, "c")
     data = open(run_dir / "checkpoint.pt", "rb").read()
     with open(run_dir / "checkpoint.pt", "wb") as f:
         f.write(data[: len(data) // 2])  # truncated
@@ -173,10 +185,9 @@ def _edit(ckpt, path, value):
     ("config.model", "nosuch", "model: unknown model 'nosuch'"),
     ("model", torch.zeros(2, 2), "checkpoint does not fit this model/optimizer (size mismatch"),
 ])
-def test_edited_checkpoints_are_one_line_exit_2(tmp_path, capsys, path, value, message):
+def test_edited_checkpoints_are_one_line_exit_2(tmp_path, capsys, finished, path, value, message):
     """Loadable files in our format with one part removed or of the wrong type: never a traceback."""
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "2", name="e")[0] == 0
-    run_dir = tmp_path / "runs" / "e"
+    run_dir = copy_of(finished, tmp_path, "e")
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     ckpt["epoch"], ckpt["history"] = 1, ckpt["history"][:1]  # as if stopped after epoch 1
     if path == "model":  # the classifier's weight, of another shape
@@ -190,13 +201,12 @@ def test_edited_checkpoints_are_one_line_exit_2(tmp_path, capsys, path, value, m
     assert err.count("\n") == 1 and err.startswith("main.py: error: resume: ") and message in err, err
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="f")[0] == 0
-    run_dir = tmp_path / "runs" / "f"
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys, finished):
+    run_dir = copy_of(finished, tmp_path, "f")
     before = {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)}
     capsys.readouterr()
     assert main.main(["--resume", str(run_dir)]) == 0
-    assert "has finished all 1 epochs; nothing to resume" in capsys.readouterr().out
+    assert "has finished all 2 epochs; nothing to resume" in capsys.readouterr().out
     assert {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)} == before
     # killed after the final checkpoint, before summary.json: resuming completes the records
     summary = json.loads(before["summary.json"])
