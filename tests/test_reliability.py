@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 import main
 from runner.records import atomic_write, write_text
-from conftest import ROOT, torch_threads
+from conftest import ROOT
 from test_main import TINY, rows, run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -35,32 +36,37 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path,
     """Kill the run with SIGKILL at random moments (mid-epoch, mid-checkpoint, mid-metrics write),
     resume each time; the finished run's metrics equal an uninterrupted run's exactly."""
     args = [*TINY, "--optimizer", optimizer, "--epochs", "3", "--train_size", "384"]
-    with torch_threads(1):  # the subprocesses run with one thread: the same arithmetic
-        assert run(tmp_path, *args, name="ref")[0] == 0
     out = ["--out_dir", str(tmp_path / "runs")]
+    ref = spawn([*args, *out, "--name", "ref"])  # the uninterrupted run, alongside (one thread each)
     run_dir = tmp_path / "runs" / "killed"
-    rng = random.Random(optimizer)
-    p = spawn([*args, *out, "--name", "killed"])
-    kills = 0
-    while kills < 2:
-        # wait for this process to finish one more epoch (its checkpoint is then on disk), then
-        # kill it after a random delay: mid-epoch, mid-evaluation or mid-checkpoint write
-        done = len(rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
-        deadline = time.time() + 120
-        while p.poll() is None and time.time() < deadline and (
-                not (run_dir / "metrics.jsonl").exists() or len(rows(run_dir)) <= done):
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 1.5))
-        if p.poll() is not None:
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        kills += 1
-        p = spawn(["--resume", str(run_dir)])
-    out_, err = p.communicate()
-    assert p.returncode == 0, err[-1000:]
-    assert kills >= 1
-    assert metrics(run_dir) == metrics(tmp_path / "runs" / "ref")
+    try:
+        rng = random.Random(optimizer)
+        p = spawn([*args, *out, "--name", "killed"])
+        kills = 0
+        while kills < 2:
+            # wait for this process to finish one more epoch (its checkpoint is then on disk), then
+            # kill it after a random delay: mid-epoch, mid-evaluation or mid-checkpoint write
+            done = len(rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+            deadline = time.time() + 120
+            while p.poll() is None and time.time() < deadline and (
+                    not (run_dir / "metrics.jsonl").exists() or len(rows(run_dir)) <= done):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 1.5))
+            if p.poll() is not None:
+                break
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            p = spawn(["--resume", str(run_dir)])
+        out_, err = p.communicate()
+        assert p.returncode == 0, err[-1000:]
+        assert kills >= 1
+        assert ref.wait(timeout=300) == 0, ref.communicate()[1][-1000:]
+        assert metrics(run_dir) == metrics(tmp_path / "runs" / "ref")
+    finally:
+        if ref.poll() is None:  # (a failed assertion above: do not leave it running)
+            ref.kill()
+            ref.wait()
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]  # no temporary file left
 
 
@@ -117,14 +123,26 @@ def test_huge_learning_rate_diverges_with_exit_1(tmp_path, capsys):
         assert not (run_dir / "checkpoint.pt").exists()
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 2-epoch SGD run, trained once for the tests below that only read or edit its files."""
+    code, run_dir = run(tmp_path_factory.mktemp("finished"), *TINY, "--optimizer", "sgd", "--epochs", "2", name="done")
+    assert code == 0
+    return run_dir
+
+
+def copy_of(finished, tmp_path, name):
+    """A private copy of the finished run (each test edits its own files)."""
+    return shutil.copytree(finished, tmp_path / "runs" / name)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['EVIL_MARKER']}",))
 
 
-def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch):
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="victim")[0] == 0
-    run_dir = tmp_path / "runs" / "victim"
+def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch, finished):
+    run_dir = copy_of(finished, tmp_path, "victim")
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EVIL_MARKER", str(marker))
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -135,9 +153,8 @@ def test_crafted_pickle_is_refused_without_running(tmp_path, capsys, monkeypatch
     assert "cannot load" in capsys.readouterr().err and not marker.exists()
 
 
-def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="c")[0] == 0
-    run_dir = tmp_path / "runs" / "c"
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys, finished):
+    run_dir = copy_of(finished, tmp_path, "c")
     data = open(run_dir / "checkpoint.pt", "rb").read()
     with open(run_dir / "checkpoint.pt", "wb") as f:
         f.write(data[: len(data) // 2])  # truncated
@@ -169,10 +186,9 @@ def _edit(ckpt, path, value):
     ("config.model", "nosuch", "model: unknown model 'nosuch'"),
     ("model", torch.zeros(2, 2), "checkpoint does not fit this model/optimizer (size mismatch"),
 ])
-def test_edited_checkpoints_are_one_line_exit_2(tmp_path, capsys, path, value, message):
+def test_edited_checkpoints_are_one_line_exit_2(tmp_path, capsys, finished, path, value, message):
     """Loadable files in our format with one part removed or of the wrong type: never a traceback."""
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "2", name="e")[0] == 0
-    run_dir = tmp_path / "runs" / "e"
+    run_dir = copy_of(finished, tmp_path, "e")
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     ckpt["epoch"], ckpt["history"] = 1, ckpt["history"][:1]  # as if stopped after epoch 1
     if path == "model":  # the classifier's weight, of another shape
@@ -186,13 +202,12 @@ def test_edited_checkpoints_are_one_line_exit_2(tmp_path, capsys, path, value, m
     assert err.count("\n") == 1 and err.startswith("main.py: error: resume: ") and message in err, err
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
-    assert run(tmp_path, *TINY, "--optimizer", "sgd", "--epochs", "1", name="f")[0] == 0
-    run_dir = tmp_path / "runs" / "f"
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys, finished):
+    run_dir = copy_of(finished, tmp_path, "f")
     before = {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)}
     capsys.readouterr()
     assert main.main(["--resume", str(run_dir)]) == 0
-    assert "has finished all 1 epochs; nothing to resume" in capsys.readouterr().out
+    assert "has finished all 2 epochs; nothing to resume" in capsys.readouterr().out
     assert {f: (run_dir / f).read_bytes() for f in os.listdir(run_dir)} == before
     # killed after the final checkpoint, before summary.json: resuming completes the records
     summary = json.loads(before["summary.json"])
@@ -249,10 +264,10 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path
 
 
 def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path):
-    """2 ranks, 256 steps an epoch: SIGTERM (twice) to both workers early in epoch 2 stops them at
-    the same 50-step sync point; the checkpoint holds both ranks' running sums; a torchrun --resume
-    then ends with the metrics of an uninterrupted 2-rank run."""
-    args = [*TINY, "--optimizer", "sgd", "--epochs", "2", "--train_size", "1024", "--batch_size", "2",
+    """2 ranks, 128 steps an epoch: SIGTERM (twice) to both workers early in epoch 2 stops them at
+    the same 50-step sync point (50 or 100); the checkpoint holds both ranks' running sums; a torchrun
+    --resume then ends with the metrics of an uninterrupted 2-rank run."""
+    args = [*TINY, "--optimizer", "sgd", "--epochs", "2", "--train_size", "512", "--batch_size", "2",
             "--eval_every", "2"]
     out = tmp_path / "runs"
     p, _ = _torchrun(args, out, "full")
@@ -261,7 +276,7 @@ def test_torchrun_mid_epoch_stop_and_resume_match_an_uninterrupted_run(tmp_path)
     # every worker, twice (a cluster signals each process and torchrun forwards), early in epoch 2
     _signal_workers_after_first_checkpoint(p, port, out / "part" / "checkpoint.pt", ["0", "1"], times=2, delay=0.3)
     partial = torch.load(out / "part" / "checkpoint.pt", weights_only=True)["partial"]
-    assert partial["step"] % 50 == 0 and 0 < partial["step"] < 256 and len(partial["ranks"]) == 2
+    assert partial["step"] % 50 == 0 and 0 < partial["step"] < 128 and len(partial["ranks"]) == 2
     assert partial["ranks"][0][2] == partial["ranks"][1][2] == 2 * partial["step"]  # samples seen per rank
     p, _ = _torchrun(["--resume", str(out / "part")])
     _, err = p.communicate(timeout=300)
@@ -344,7 +359,7 @@ def test_two_runs_with_one_name_at_once_keep_separate_records(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    args = [*TINY, "--optimizer", "amp", "--dropout", "0.1"]
+    args = [*TINY, "--optimizer", "amp", "--dropout", "0.1", "--train_size", "128"]  # 2 epochs of 2 steps
     assert run(tmp_path, *args, name="a")[0] == 0 and run(tmp_path, *args, name="b")[0] == 0
     assert metrics(tmp_path / "runs" / "a") == metrics(tmp_path / "runs" / "b")
     assert run(tmp_path, *args, "--seed", "1", name="c")[0] == 0

@@ -3,8 +3,8 @@ installed with apt-get when missing; root needed, else skipped with the reason):
 submits a job array, one task per (row, seed), and the report job after it; a task requeued by SLURM
 (scontrol requeue: SIGTERM) or by itself (USR1 before its time limit) continues its run exactly; a task
 that fails for good is not requeued. The cluster: munged, slurmctld and slurmd with a minimal config
-(2 CPUs, no cgroups: proctrack/linuxproc, task/none; cred_expire=10, so that SLURM starts a requeued
-task again after 11 s instead of 2 minutes), all in a temporary folder, stopped at the end."""
+(2 CPUs, no cgroups: proctrack/linuxproc, task/none; cred_expire=5, its minimum, so that SLURM starts a
+requeued task again after 6 s instead of 2 minutes), all in a temporary folder, stopped at the end."""
 import json
 import math
 import os
@@ -57,7 +57,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/socket,cred_expire=10
+AuthInfo=socket={d}/munge/socket,cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/state
@@ -221,7 +221,7 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     time limit): its third attempt finishes, equal to an uninterrupted run of the same command. A task
     with a bad value fails once and is not requeued."""
     epoch_s = json.loads(open(table / "wrn28_10_basic_sgd_s0" / "metrics.jsonl").readline())["epoch_time_s"]
-    epochs = str(max(3, math.ceil(6 / max(epoch_s, 1e-3))))  # ≥ 6 s of training: signals land mid-run
+    epochs = str(max(3, math.ceil(4 / max(epoch_s, 1e-3))))  # ≥ 4 s of training: signals land mid-run
     out = tmp_path / "fm"
     array, rep = submit(cluster, out, "basic_sgd", "0", "--epochs", epochs)
     bad = submit(cluster, tmp_path / "bad", "basic_sgd", "0", "--epochs", epochs, "--lr", "-1")
@@ -234,7 +234,7 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     wait_for(lambda: "started" in log(), "the first attempt to start training")
     assert run_state(str(run))[0] == "running"
     assert slurm(cluster, "scontrol", "requeue", f"{array}_0").returncode == 0
-    wait_for(lambda: run_state(str(run))[0] == "stopped", "the run to save and stop")  # (held 11 s by SLURM)
+    wait_for(lambda: run_state(str(run))[0] == "stopped", "the run to save and stop")  # (held 6 s by SLURM)
     wait_for(lambda: "resumed" in log(), "the second attempt")
     assert slurm(cluster, "scancel", "--batch", "--signal=USR1", f"{array}_0").returncode == 0
     wait_for(lambda: log().count("resumed") == 2, "the third attempt")
