@@ -32,8 +32,10 @@ between modes survives load better. Bad arguments: UsageError (bench.py: one lin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import sys
 import time
 import warnings
 
@@ -58,6 +60,21 @@ def _parser():
     return p
 
 
+@contextlib.contextmanager
+def _quiet_c_stderr():
+    """File descriptor 2 to /dev/null within the block: the profiler's C++ side (kineto) prints
+    profiler_start/profiler_stop lines there at every use."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_mib(fn, device):
     """The peak of tensor memory allocated while fn() runs, above what was allocated before (MiB).
     CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the allocator's allocation and
@@ -72,7 +89,7 @@ def peak_mib(fn, device):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_c_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     now = peak = 0
