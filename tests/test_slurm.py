@@ -224,7 +224,10 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     epochs = str(max(3, math.ceil(4 / max(epoch_s, 1e-3))))  # ≥ 4 s of training: signals land mid-run
     out = tmp_path / "fm"
     array, rep = submit(cluster, out, "basic_sgd", "0", "--epochs", epochs)
-    bad = submit(cluster, tmp_path / "bad", "basic_sgd", "0", "--epochs", epochs, "--lr", "-1")
+    partial = tmp_path / "partial"  # valid flags (the recipe checks them first), data main.py refuses: exit 2
+    partial.mkdir()
+    shutil.copy(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"), partial)
+    bad = submit(cluster, tmp_path / "bad", "basic_sgd", "0", "--epochs", epochs, "--data_dir", str(partial))
     reference = subprocess.Popen(  # the same command, uninterrupted, outside SLURM
         [sys.executable, "main.py", "--config", "configs/fashionmnist/wrn28_10_basic_sgd.yaml", "--seed", "0",
          "--out_dir", str(tmp_path / "ref"), "--name", "ref", *ROW_ARGS[2:], "--epochs", epochs],
@@ -253,7 +256,7 @@ def test_a_requeued_task_continues_its_run_exactly(cluster, table, tmp_path):
     assert "1 finished, 0 running, 0 stopped, 0 failed" in (tmp_path / "fm.md").read_text()
 
     failed = tmp_path / "bad" / "wrn28_10_basic_sgd_s0"  # exit 2 before any record: one attempt, FAILED
-    assert "main.py: error: lr" in (failed / "slurm.err").read_text()
+    assert "main.py: error: fashionmnist:" in (failed / "slurm.err").read_text()
     assert (failed / "slurm.out").read_text().count("attempt") == 1
     job = slurm(cluster, "scontrol", "show", "job", f"{bad[0]}_0").stdout
     assert "JobState=FAILED" in job and "Restarts=0" in job and "ExitCode=2:0" in job, job
