@@ -145,6 +145,13 @@ def setup(args):
     return model, batches, device
 
 
+@contextlib.contextmanager
+def _no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def product(method, model, params, batches):
     """A function flat v → flat H·v (a new operator: the graph methods build theirs here)."""
     import torch
@@ -161,18 +168,15 @@ def product(method, model, params, batches):
 
     def flat(hv):
         return torch.cat([t.reshape(-1) for t in hv]).detach()
-    quiet = warnings.catch_warnings                                 # (its backward(create_graph=True) warns)
     if method == "pyhessian_batch":
         x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-        with quiet():
-            warnings.simplefilter("ignore")
+        with _no_warnings():                                        # (its backward(create_graph=True) warns)
             H = hessian(model, crit, data=(x, y), cuda=cuda)
         return lambda v: flat(hessian_vector_product(H.gradsH, H.params, split(v)))
     H = hessian(model, crit, dataloader=batches, cuda=cuda)
 
     def loader(v):
-        with quiet():
-            warnings.simplefilter("ignore")
+        with _no_warnings():
             return flat(H.dataloader_hv_product(split(v))[1])
     return loader
 
