@@ -8,13 +8,15 @@
 #   env            nvidia-smi -L, torch/torchvision/CUDA/cuDNN versions, the commit, a bf16 matmul's TFLOP/s  [25]
 #   bench          bench.py: WRN-28-10 b128 and PreActResNet18 b50 (bf16 channels_last, fp32, bf16 NCHW,
 #                  compile last) for SGD, AMP, RWP, SAM: ms/step, images/s, ratio to SGD, peak memory,
-#                  TFLOP/s against the 790 TFLOP/s bf16 peak                                              [170]
+#                  TFLOP/s against the 790 TFLOP/s bf16 peak                                              [150]
 #   sync_pipeline  bench.py --check_sync of every optimizer (torch.cuda.set_sync_debug_mode("error")), the
 #                  CIFAR-shaped pipeline at batch 50 and 128, bench.py jpeg_decode (nvJPEG vs 16 CPU workers) [70]
 #   train          main.py: configs/fashionmnist/wrn28_10_basic_{sgd,amp,rwp,sam}.yaml for 2 epochs, bf16 +
 #                  channels_last, on the real Fashion-MNIST (--data_dir): epoch time with data and
 #                  evaluation, test error                                                                 [150]
-#   flatness       flatness.py --measures curvature on the AMP run: Hessian top eigenvalue, trace, times    [45]
+#   flatness       flatness.py --measures curvature on the AMP run: Hessian top eigenvalue, trace, times;
+#                  bench.py flatness: Hessian-vector product ms and memory, WRN-16-4, 1,024 images
+#                  (with --pyhessian where PyHessian is installed)                                        [65]
 # then the report: OUT_DIR/results.json (everything) and OUT_DIR/results.md (one table). Also in OUT_DIR:
 # <step>.json (the items as they finished), status/<step>.json, logs/<step>.log, bench/*.json, runs/, flatness/.
 # --data_dir defaults to .data/fashion-mnist in the repository; relative paths are the caller's.
@@ -32,7 +34,7 @@ PYTHON=${PYTHON:-python3}
 usage() { echo "gpu_visit.sh: error: $1; usage: bash recipes/gpu_visit.sh OUT_DIR [--cpu --tiny] [--data_dir DIR] [--steps a,b] [--share STEP=SECONDS]" >&2; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || usage "OUT_DIR is required"
 OUT=$(abs "$1"); shift
-declare -A SHARE=([env]=25 [bench]=170 [sync_pipeline]=70 [train]=150 [flatness]=45)
+declare -A SHARE=([env]=25 [bench]=150 [sync_pipeline]=70 [train]=150 [flatness]=65)
 ALL=env,bench,sync_pipeline,train,flatness
 MODE=() DATA=.data/fashion-mnist STEPS=$ALL OVERRIDES=()
 while [[ $# -gt 0 ]]; do

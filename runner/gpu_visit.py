@@ -224,26 +224,44 @@ def flatness_argv(a, run_dir, measures):
             "--data_dir", a.data_dir, "--out", out, "--json", os.path.join(out, "rows.json")]
 
 
+def hvp_argv(a):
+    """bench.py flatness: our Hessian-vector products (and PyHessian's, where it is installed)."""
+    sizes = (["--model", "small_cnn", "--samples", "8", "--batch_size", "4", "--repeats", "1"] if a.tiny
+             else ["--model", "wrn16_4", "--samples", "1024", "--batch_size", "256", "--repeats", "5"])
+    try:
+        import pyhessian  # noqa: F401
+        sizes.append("--pyhessian")
+    except ImportError:
+        pass
+    return ["flatness", *sizes, "--device", _device(a), "--json", os.path.join(a.out, "flatness", "hvp.json")]
+
+
 def step_flatness(a, rec):
-    """Hessian top eigenvalue and trace of the AMP run (else the first run that finished)."""
+    """Hessian top eigenvalue and trace of the AMP run (else the first run that finished), then the
+    Hessian-vector product's time and memory (bench.py flatness)."""
+    import bench
     import flatness
     runs = [os.path.join(a.out, "runs", f"fm_{n}") for n in ("amp",) + tuple(o for o in OPTIMIZERS if o != "amp")]
     done = [r for r in runs if _completed(r)]
     if not done:
         rec.item("flatness", "python flatness.py RUN", lambda: (1, {"note": "no Fashion-MNIST run of step 4 finished"}))
-        return
-    try:
-        import scipy  # noqa: F401
-        measures, note = ["curvature"], None
-    except ImportError as e:
-        measures, note = ["sharpness"], f"curvature not measured: {e} (pip install scipy)"
-    argv = flatness_argv(a, done[0], measures)
-    rows = os.path.join("flatness", "rows.json")
+    else:
+        try:
+            import scipy  # noqa: F401
+            measures, note = ["curvature"], None
+        except ImportError as e:
+            measures, note = ["sharpness"], f"curvature not measured: {e} (pip install scipy)"
+        argv = flatness_argv(a, done[0], measures)
+        rows = os.path.join("flatness", "rows.json")
 
-    def run():
-        code = flatness.main(argv)  # without the curvature (what this step is for) the item fails
-        return (code if note is None else max(code, 1)), {"json": rows, **({"note": note} if note else {})}
-    rec.item("flatness", "python flatness.py " + " ".join(argv), run)
+        def run():
+            code = flatness.main(argv)  # without the curvature (what this step is for) the item fails
+            return (code if note is None else max(code, 1)), {"json": rows, **({"note": note} if note else {})}
+        rec.item("flatness", "python flatness.py " + " ".join(argv), run)
+    argv = hvp_argv(a)
+    os.makedirs(os.path.join(a.out, "flatness"), exist_ok=True)
+    rec.item("hvp", "python bench.py " + " ".join(argv),
+             lambda: (bench.main_cli(argv), {"json": os.path.join("flatness", "hvp.json")}))
 
 
 def _completed(run_dir):

@@ -63,7 +63,7 @@ def run_figures(run_dir):
 
 def flatness_figures(rows):
     keys = ("run_dir", "loss", "error", "hessian_top_eigenvalues", "hessian_eig_matvecs", "hessian_eig_time_s",
-            "hessian_trace", "hessian_trace_se", "hessian_trace_time_s", "sam_sharpness", "amp_sharpness",
+            "hessian_trace", "hessian_trace_low", "hessian_trace_high", "hessian_trace_time_s", "sam_sharpness", "amp_sharpness",
             "rwp_sharpness")
     return {"runs": [{k: row[k] for k in keys if k in row} for row in rows]}
 
@@ -76,7 +76,11 @@ def item_figures(out, item):
         if data is None:
             return None
         extra = {"note": figures["note"]} if "note" in figures else {}
-        return (flatness_figures(data) if isinstance(data, list) else bench_figures(data)) | extra
+        if isinstance(data, list):
+            return flatness_figures(data) | extra
+        if "methods" in data:  # bench.py flatness
+            return {k: data.get(k) for k in ("model", "parameters", "samples", "batch_size", "methods")} | extra
+        return bench_figures(data) | extra
     if "run_dir" in figures:
         return run_figures(os.path.join(out, figures["run_dir"]))
     return figures or None
@@ -113,7 +117,8 @@ def _train_row(r):
 def _flatness_row(r):
     return (f"λ_max {_num((r.get('hessian_top_eigenvalues') or [None])[0], '.4g')} "
             f"({_num(r.get('hessian_eig_time_s'), '.1f')} s, {r.get('hessian_eig_matvecs')} products), trace "
-            f"{_num(r.get('hessian_trace'), '.4g')} ± {_num(r.get('hessian_trace_se'), '.2g')} "
+            f"{_num(r.get('hessian_trace'), '.4g')} [{_num(r.get('hessian_trace_low'), '.4g')}, "
+            f"{_num(r.get('hessian_trace_high'), '.4g')}] "
             f"({_num(r.get('hessian_trace_time_s'), '.1f')} s)")
 
 
@@ -139,6 +144,11 @@ def _item_rows(item):
     if "epoch_time_s" in f:
         return [(label, f"{f['status']}: epoch s {', '.join(f'{t:.1f}' for t in f['epoch_time_s'])} (with data and "
                         f"evaluation); test error % {', '.join(_num(e, '.2f') for e in f['test_error'])}")]
+    if "methods" in f:
+        return [(f"{label} {m}", f"{_num(r['ms'], '.1f')} ms/product ({f['model']}, {f['samples']} images), "
+                                 + (f"{_num(r['ratio'], '.2f')}× PyHessian's single batch, " if r.get("ratio") else "")
+                                 + f"peak {_num(r['peak_mib'], '.1f')} MiB, difference to graph {r['difference']:.1e}")
+                for m, r in f["methods"].items()]
     if "runs" in f:
         rows = [(f"{label} {os.path.basename(r['run_dir'])}", _flatness_row(r)) for r in f["runs"]]
         return rows + ([(f"{label} note", f["note"])] if "note" in f else [])

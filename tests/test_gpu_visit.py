@@ -83,6 +83,11 @@ def test_every_step_runs_and_writes_well_formed_results(visit):
     (run,) = steps["flatness"]["items"][0]["figures"]["runs"]
     assert run["run_dir"].endswith("fm_amp") and math.isfinite(run["hessian_top_eigenvalues"][0])
     assert _positive(run["hessian_eig_time_s"]) and _positive(run["hessian_trace_time_s"])
+    assert run["hessian_trace_low"] <= run["hessian_trace"] <= run["hessian_trace_high"]
+    hvp = steps["flatness"]["items"][1]
+    assert hvp["label"] == "hvp" and hvp["figures"]["model"] == "small_cnn"
+    assert {"graph", "recompute"} <= set(hvp["figures"]["methods"])
+    assert all(_positive(m["ms"]) and m["difference"] < 1e-5 for m in hvp["figures"]["methods"].values())
 
     table = (out / "results.md").read_text().splitlines()
     start = table.index("| step | item | result | status | s (share) |")
@@ -91,7 +96,7 @@ def test_every_step_runs_and_writes_well_formed_results(visit):
     for s in steps.values():
         assert f"| {s['title']} | (the step) | {len(s['items'])} item(s) | **ok** (exit 0) |" in "\n".join(rows)
     for label in ("wrn10_1_b8_fp32 amp", "sync_check_pipeline_b4 no host sync", "jpeg_decode", "fm_rwp",
-                  "flatness fm_amp"):
+                  "flatness fm_amp", "hvp graph", "hvp recompute"):
         assert any(f" | {label} | " in line for line in rows), label
 
 
@@ -104,6 +109,7 @@ def test_failed_and_timed_out_steps_are_recorded_and_the_rest_run(tmp_path):
     assert steps["train"]["status"] == "timed out" and steps["train"]["exit_code"] in (124, 137)
     assert steps["flatness"]["status"] == "failed"  # it ran: no trained run to analyse
     assert steps["flatness"]["items"][0]["figures"] == {"note": "no Fashion-MNIST run of step 4 finished"}
+    assert steps["flatness"]["items"][1]["exit_code"] == 0  # the product's benchmark needs no trained run
     assert all(steps[s]["status"] == "not run" for s in ("env", "bench", "sync_pipeline"))
     assert "| 4 Fashion-MNIST 2 epochs | (the step) |" in (out / "results.md").read_text()
     assert "--share train=1" in (out / "command.txt").read_text()
